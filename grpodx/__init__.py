@@ -1,0 +1,3 @@
+"""GRPODx: distributed GRPO training of a diagnosing doctor model."""
+
+__version__ = "0.1.0"

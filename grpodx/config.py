@@ -1,0 +1,248 @@
+"""Run configuration: pydantic models, YAML loading and ``key=value`` overrides.
+
+Every setting of a run lives in one :class:`Config`. A YAML file in ``configs/`` gives the values that
+differ from the defaults here, and the command line may override any leaf with ``section.key=value``.
+Unknown keys are errors (``extra="forbid"``): a typo must stop the run, not silently train with a
+default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpodx.dialogue import DOCTOR_SYSTEM_PROMPT
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is wrong; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyDoctorConfig(_Section):
+    """Recipe of the embedded doctor; any change here rebuilds the cached model."""
+
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = 3000
+    max_position_embeddings: int = 1024
+    warmstart_dialogues: int = 6000
+    warmstart_epochs: int = 3
+    warmstart_batch_size: int = 32
+    warmstart_lr: float = 2e-3
+    seed: int = 1234
+
+
+class ModelConfig(_Section):
+    """The doctor. ``name: tiny`` builds the embedded model; otherwise a Hugging Face id or local path."""
+
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyDoctorConfig = Field(default_factory=TinyDoctorConfig)
+    cache_dir: str | None = None
+    # Trades compute for memory in the learner; worth it for Phi-4 on one GPU.
+    gradient_checkpointing: bool = False
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # None: the default of the architecture (see grpodx.lora_targets).
+    target_modules: list[str] | None = None
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class EngineConfig(_Section):
+    kind: Literal["hf", "vllm"] = "hf"
+    max_batch_size: int = Field(64, ge=1)
+    # vLLM settings; ignored by the transformers engine.
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    max_loras: int = 2
+
+
+class EpisodeConfig(_Section):
+    max_turns: int = Field(5, ge=1, le=20)
+    # An episode stops without a diagnosis rather than overflow the doctor's context.
+    max_total_tokens: int = Field(1024, ge=64)
+    system_prompt: str = DOCTOR_SYSTEM_PROMPT
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class PatientConfig(_Section):
+    kind: Literal["scripted", "openai"] = "scripted"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    max_concurrency: int = Field(64, ge=1)
+
+
+class JudgeConfig(_Section):
+    kind: Literal["icd", "openai"] = "icd"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    max_concurrency: int = Field(64, ge=1)
+
+
+class RewardConfig(_Section):
+    """Weights of the recorded reward parts; the total is clipped to [0, 1]."""
+
+    judge_weight: float = 1.0
+    hedge_penalty: float = 0.3
+    guideline_weight: float = 0.2
+    format_penalty: float = 0.2
+
+
+class GRPOConfig(_Section):
+    num_generations: int = Field(4, ge=2)
+    scale_rewards: bool = True
+    advantage_eps: float = 1e-6
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)
+    lr: float = Field(5e-6, gt=0.0)
+    weight_decay: float = 0.0
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    token_budget: int = Field(16384, ge=1)
+    ratio_cap: float | None = None
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=0)
+    save_steps: int = Field(100, ge=1)
+    batch_size: int = Field(2, ge=1)
+    seed: int = 0
+    eval_cases: int = Field(64, ge=0)
+    eval_every: int = Field(0, ge=0)
+    # 0 = greedy evaluation, so before/after figures do not move with sampling noise.
+    eval_temperature: float = Field(0.0, ge=0.0)
+    # How many versions behind the learner a group may start (0 = strictly on-policy).
+    max_staleness: int = Field(0, ge=0)
+    run_dir: str = "runs"
+    run_name: str | None = None
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_rollout_workers: int = Field(2, ge=1)
+    episodes_per_worker: int = Field(64, ge=1)
+    learner_num_gpus: float = Field(0.0, ge=0.0)
+    rollout_num_gpus: float = Field(0.0, ge=0.0)
+    learner_num_cpus: float = Field(1.0, ge=0.0)
+    rollout_num_cpus: float = Field(1.0, ge=0.0)
+    # torch threads per actor process (0 = torch's default); on a small CPU box one per rollout
+    # worker keeps them from fighting over cores.
+    rollout_threads: int = Field(1, ge=0)
+    learner_threads: int = Field(0, ge=0)
+    dashboard: bool = False
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    episode: EpisodeConfig = Field(default_factory=EpisodeConfig)
+    patient: PatientConfig = Field(default_factory=PatientConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        if self.model.name == "tiny" and self.engine.kind == "vllm" and self.model.dtype != "float32":
+            raise ValueError("the tiny doctor runs in float32; set model.dtype=float32")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'; remove it or check its spelling"
+    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _set_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``a.b.c``, checking each part against the schema."""
+    parts = dotted_key.split(".")
+    model: type[BaseModel] = Config
+    node = data
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{dotted_key}': '{part}' is not a setting of {where} "
+                f"(known: {', '.join(_known_keys(model))})"
+            )
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"unknown config key '{dotted_key}': '{part}' is a value, not a section")
+        node = node.setdefault(part, {})
+        model = annotation
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``1e-3``, ``true``, ``null``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate once."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing file to --config")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_override(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

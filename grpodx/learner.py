@@ -1,0 +1,249 @@
+"""The learner: the base model with a LoRA adapter, its optimizer, and the GRPO update.
+
+One ``train_step`` takes the trajectories of a batch of groups, computes group advantages, and makes
+one optimizer step of the clipped policy loss, token-mean over every doctor token of the batch
+(micro-batched by a token budget, with the loss scaled so accumulation equals the full-batch mean).
+The KL reference, when used, is the same model with the adapter disabled: it costs no memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+
+from grpodx.algo import grpo
+from grpodx.config import Config
+from grpodx.engines.base import AdapterWeights
+from grpodx.models import best_device, load_doctor, lora_target_modules
+
+LEARNER_STATE_FILE = "learner_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        progress = min(1.0, step / max(1, total_steps))
+        if schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return warm * (1 - progress)
+        return warm
+
+    return factor
+
+
+class Learner:
+    def __init__(self, config: Config, model_source: str, device: str | torch.device | None = None):
+        self.config = config
+        self.device = torch.device(device) if device else best_device(config.ray.learner_num_gpus)
+        dtype = config.model.dtype if self.device.type == "cuda" else "float32"
+        base, _ = load_doctor(model_source, dtype, self.device)
+        if config.model.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        targets = lora_target_modules(base.config.model_type, config.lora.target_modules)
+        self.peft_config = {
+            "r": config.lora.rank,
+            "lora_alpha": config.lora.alpha,
+            "lora_dropout": config.lora.dropout,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+        }
+        self.model = get_peft_model(base, LoraConfig(**self.peft_config))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=config.grpo.lr, weight_decay=config.grpo.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(config.grpo.lr_schedule, config.grpo.warmup_steps, config.train.max_steps),
+        )
+        self.version = 0
+        temperature = config.episode.sampling.temperature
+        # The engine records logprobs of the temperature-scaled distribution; score the same one.
+        self.temperature = temperature if temperature > 0 else 1.0
+
+    # ---- the update -----------------------------------------------------------------------------
+    def train_step(self, batches: list[pa.RecordBatch] | pa.Table) -> dict[str, float]:
+        started = time.perf_counter()
+        table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(batches)
+        columns = table.select(
+            ["group_id", "reward", "valid", "token_ids", "loss_mask", "behaviour_logprobs"]
+        )
+        rows = columns.to_pylist()
+        advantages, group_stats = self._advantages(rows)
+        use_kl = self.config.grpo.kl_coef > 0
+        selected = [i for i, a in enumerate(advantages) if a is not None and (a != 0.0 or use_kl)]
+        num_tokens = sum(sum(rows[i]["loss_mask"]) for i in selected)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = defaultdict(float)
+        ratio_max = 0.0
+        lengths = [len(rows[i]["token_ids"]) for i in selected]
+        for micro in grpo.micro_batches(lengths, self.config.grpo.token_budget):
+            members = [selected[j] for j in micro]
+            stats = self._accumulate([rows[i] for i in members], [advantages[i] for i in members], num_tokens)
+            ratio_max = max(ratio_max, stats.pop("ratio_max"))
+            for key, value in stats.items():
+                totals[key] += value
+        grad_norm = 0.0
+        if selected and num_tokens > 0:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, self.config.grpo.max_grad_norm))
+        # Without gradients (every group tied) AdamW skips every parameter; stepping anyway keeps the
+        # schedule counting training steps.
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        self.version += 1
+        micro_count = max(1.0, totals.pop("micro_batches", 1.0))
+        return {
+            "learner/loss": totals["loss"],
+            "learner/kl": totals["kl"],
+            "learner/grad_norm": grad_norm,
+            "learner/lr": self.scheduler.get_last_lr()[0],
+            "learner/clip_fraction": totals["clip_fraction"] / micro_count,
+            "learner/ratio_mean": totals["ratio_mean"] / micro_count,
+            "learner/ratio_max": ratio_max,
+            "learner/masked_by_cap": totals["masked_by_cap"],
+            "learner/tokens": float(num_tokens),
+            "learner/sequences": float(len(selected)),
+            "learner/seconds": time.perf_counter() - started,
+            **group_stats,
+        }
+
+    def _advantages(self, rows: list[dict]) -> tuple[list[float | None], dict[str, float]]:
+        """Advantage per row (None for rows excluded: failed episodes, groups with < 2 valid)."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            if row["valid"]:
+                groups[row["group_id"]].append(index)
+        advantages: list[float | None] = [None] * len(rows)
+        zero_groups = 0
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            rewards = torch.tensor([rows[i]["reward"] for i in members], dtype=torch.float32)
+            if bool(grpo.zero_advantage_groups(rewards, len(members))[0]):
+                zero_groups += 1
+            values = grpo.group_advantages(
+                rewards,
+                len(members),
+                scale_by_std=self.config.grpo.scale_rewards,
+                eps=self.config.grpo.advantage_eps,
+            )
+            for i, value in zip(members, values.tolist(), strict=True):
+                advantages[i] = value
+        all_groups = {row["group_id"] for row in rows}
+        return advantages, {
+            "groups/total": float(len(all_groups)),
+            "groups/zero_advantage": float(zero_groups),
+            "groups/trained": float(len([m for m in groups.values() if len(m) >= 2]) - zero_groups),
+        }
+
+    def _accumulate(self, rows: list[dict], advantages: list[float], num_tokens: int) -> dict[str, float]:
+        width = max(len(r["token_ids"]) for r in rows)
+        pad = 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        behaviour = torch.zeros((len(rows), width), dtype=torch.float32)
+        for row_index, row in enumerate(rows):
+            n = len(row["token_ids"])
+            input_ids[row_index, :n] = torch.tensor(row["token_ids"])
+            attention[row_index, :n] = 1
+            loss_mask[row_index, :n] = torch.tensor(row["loss_mask"], dtype=torch.bool)
+            behaviour[row_index, :n] = torch.tensor(row["behaviour_logprobs"])
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        loss_mask, behaviour = loss_mask.to(self.device), behaviour.to(self.device)
+        advantage = torch.tensor(advantages, dtype=torch.float32, device=self.device)
+
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+        logprobs = grpo.sequence_logprobs(logits, input_ids, self.temperature)
+        del logits
+        loss, stats = grpo.policy_loss(
+            logprobs,
+            behaviour,
+            advantage,
+            loss_mask,
+            clip_low=self.config.grpo.clip_low,
+            clip_high=self.config.grpo.clip_high,
+            num_tokens=num_tokens,
+            ratio_cap=self.config.grpo.ratio_cap,
+        )
+        kl_value = 0.0
+        if self.config.grpo.kl_coef > 0:
+            with torch.no_grad(), self.model.disable_adapter():
+                ref_logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+                ref_logprobs = grpo.sequence_logprobs(ref_logits, input_ids, self.temperature)
+                del ref_logits
+            kl = grpo.kl_penalty(logprobs, ref_logprobs, loss_mask, num_tokens=num_tokens)
+            loss = loss + self.config.grpo.kl_coef * kl
+            kl_value = float(kl.detach())
+        loss.backward()
+        return {
+            "loss": float(loss.detach()),
+            "kl": kl_value,
+            "clip_fraction": float(stats["clip_fraction"]),
+            "ratio_mean": float(stats["ratio_mean"]),
+            "ratio_max": float(stats["ratio_max"]),
+            "masked_by_cap": float(stats["masked_by_cap"]),
+            "micro_batches": 1.0,
+        }
+
+    @torch.no_grad()
+    def token_logprobs(self, token_ids: list[int], adapter: bool = True) -> list[float]:
+        """Logprobs the learner gives each token of one sequence (position 0 is 0.0): for parity checks."""
+        ids = torch.tensor([token_ids], device=self.device)
+        context = contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        with context:
+            logits = self.model(input_ids=ids).logits
+        return grpo.sequence_logprobs(logits, ids, self.temperature)[0].tolist()
+
+    # ---- publishing and checkpoints -------------------------------------------------------------
+    def adapter(self) -> AdapterWeights:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+        return AdapterWeights(version=self.version, state_dict=state, peft_config=dict(self.peft_config))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory / ADAPTER_DIR)
+        torch.save(
+            {
+                "version": self.version,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            directory / LEARNER_STATE_FILE,
+        )
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        state_file = directory / LEARNER_STATE_FILE
+        if not state_file.is_file() or not (directory / ADAPTER_DIR).is_dir():
+            raise FileNotFoundError(
+                f"{directory} is not a GRPODx checkpoint (needs {ADAPTER_DIR}/ and {LEARNER_STATE_FILE}); "
+                "pass a directory under <run>/checkpoints/ to --load-checkpoint"
+            )
+        weights = load_peft_weights(str(directory / ADAPTER_DIR), device=str(self.device))
+        set_peft_model_state_dict(self.model, weights)
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = int(state["version"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,0 +1,54 @@
+"""In-process runs without Ray: evaluation of a doctor, optionally with a trained adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpodx.config import Config, ConfigError
+from grpodx.engines.base import AdapterWeights
+from grpodx.env import make_judge, make_patient
+from grpodx.evaluation import summarize
+from grpodx.learner import ADAPTER_DIR
+from grpodx.medical.cases import eval_cases
+from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.models import best_device, doctor_source
+from grpodx.rollout import RolloutWorker
+
+_PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
+
+
+def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
+    """A saved adapter (peft ``save_pretrained`` layout) as in-memory weights."""
+    from peft.utils import load_peft_weights
+
+    directory = Path(checkpoint)
+    if (directory / ADAPTER_DIR).is_dir():
+        directory = directory / ADAPTER_DIR
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{checkpoint} holds no adapter (no adapter_config.json); pass a checkpoint directory"
+        )
+    saved = json.loads(config_file.read_text())
+    peft_config = {key: saved[key] for key in _PEFT_KEYS if key in saved}
+    return AdapterWeights(version, load_peft_weights(str(directory), device="cpu"), peft_config)
+
+
+async def evaluate_locally(config: Config, checkpoint: str | None = None) -> dict:
+    source = doctor_source(config)
+    worker = RolloutWorker(
+        "eval",
+        config,
+        source,
+        make_patient(config),
+        make_judge(config),
+        device=best_device(config.ray.rollout_num_gpus),
+    )
+    if checkpoint:
+        worker.load_adapter(read_adapter(checkpoint))
+    kb = load_knowledge_base()
+    episodes = await worker.evaluate(
+        eval_cases(kb, config.train.eval_cases), None, config.train.eval_temperature
+    )
+    return summarize(episodes, num_conditions=len(kb.conditions))

@@ -1,0 +1,72 @@
+"""Where the doctor model comes from, and which modules its LoRA adapter targets.
+
+``model.name: tiny`` is the embedded doctor, built and cached by :mod:`grpodx.tiny.build`; any other
+name is a Hugging Face id or a local directory. LoRA targets default per architecture so that another
+backbone trains with a config change only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from grpodx.config import Config, ConfigError
+
+# Phi-3 / Phi-4 fuse q, k, v into qkv_proj and gate, up into gate_up_proj: an adapter trained on the
+# unfused names would not load on microsoft/phi-4.
+_FUSED_PHI = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS: dict[str, list[str]] = {
+    "phi3": _FUSED_PHI,
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gemma2": _LLAMA_STYLE,
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lora_target_modules(model_type: str, configured: list[str] | None) -> list[str]:
+    if configured:
+        return list(configured)
+    if model_type not in LORA_TARGETS:
+        raise ConfigError(
+            f"no default LoRA target modules for architecture '{model_type}'; "
+            f"set lora.target_modules (known defaults: {', '.join(sorted(LORA_TARGETS))})"
+        )
+    return list(LORA_TARGETS[model_type])
+
+
+def doctor_source(config: Config, progress: bool = True) -> str:
+    """Path or hub id of the doctor; builds the tiny doctor on first use."""
+    if config.model.name == "tiny":
+        from grpodx.tiny.build import tiny_doctor_path
+
+        return str(tiny_doctor_path(config.model, config.episode.system_prompt, progress=progress))
+    return config.model.name
+
+
+def load_doctor(source: str, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """The base model (eval mode, no adapter) and its tokenizer."""
+    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a training log
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype]).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model.eval(), tokenizer
+
+
+def model_type_of(source: str) -> str:
+    return AutoConfig.from_pretrained(source).model_type
+
+
+def best_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_local_dir(source: str) -> bool:
+    return Path(source).is_dir()

@@ -1,0 +1,137 @@
+"""The rollout worker: one generation engine, many concurrent episodes, groups of G on one case.
+
+Every episode of a group shares the case card (and so the patient's answers); only the doctor's
+sampling differs, through a per-episode seed. A group's episodes all start on the adapter version the
+scheduler assigned to the group. The Ray actor in :mod:`grpodx.actors.rollout` is a thin shell over
+this class, which tests drive directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from grpodx.config import Config
+from grpodx.data.trajectory import EpisodeTag, to_record_batch
+from grpodx.dialogue import ChatCodec
+from grpodx.engines import create_engine
+from grpodx.engines.base import AdapterWeights, GenerationEngine
+from grpodx.env.episode import EpisodeResult, EpisodeRunner
+from grpodx.env.judge import Judge
+from grpodx.env.patient import Patient
+from grpodx.medical.cases import CaseCard
+from grpodx.medical.knowledge import load_knowledge_base
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One GRPO group to roll out: G episodes of one case on one adapter version."""
+
+    step: int
+    group_id: str
+    case: CaseCard
+    num_generations: int
+    adapter_version: int
+    seed: int
+
+
+def episode_seed(base_seed: int, group_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}:{group_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        config: Config,
+        model_source: str,
+        patient: Patient,
+        judge: Judge,
+        *,
+        engine: GenerationEngine | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        from transformers import AutoTokenizer
+
+        self.worker_id = worker_id
+        self.config = config
+        self.engine = engine or create_engine(config, model_source, device, seed=config.train.seed)
+        self.chat = ChatCodec(AutoTokenizer.from_pretrained(model_source))
+        self.runner = EpisodeRunner(
+            engine=self.engine,
+            chat=self.chat,
+            patient=patient,
+            judge=judge,
+            kb=load_knowledge_base(),
+            episode_config=config.episode,
+            reward_config=config.reward,
+        )
+        self._slots = asyncio.Semaphore(config.ray.episodes_per_worker)
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, adapter: AdapterWeights) -> int:
+        """Serve ``adapter`` as the newest version; forget versions beyond the staleness window."""
+        self.engine.load_adapter(adapter)
+        oldest_allowed = adapter.version - self.config.train.max_staleness
+        for version in self.engine.loaded_versions():
+            if 0 < version < oldest_allowed:
+                self.engine.unload_adapter(version)
+        return self.engine.latest_version
+
+    def adapter_versions(self) -> list[int]:
+        return self.engine.loaded_versions()
+
+    # ---- rollouts -------------------------------------------------------------------------------
+    async def _episode(self, case: CaseCard, version: int, seed: int | None, temperature: float | None):
+        async with self._slots:
+            return await self.runner.run(case, version, self.runner.sampling(seed, temperature))
+
+    async def run_groups(self, scenarios: Sequence[Scenario]) -> pa.RecordBatch:
+        """Roll out every group concurrently; one Arrow row per episode, in scenario order."""
+        jobs, tags = [], []
+        for scenario in scenarios:
+            for index in range(scenario.num_generations):
+                seed = episode_seed(scenario.seed, scenario.group_id, index)
+                jobs.append(self._episode(scenario.case, scenario.adapter_version, seed, None))
+                tags.append(EpisodeTag(scenario.step, scenario.group_id, index, self.worker_id))
+        results: list[EpisodeResult] = await asyncio.gather(*jobs)
+        return to_record_batch(list(zip(tags, results, strict=True)))
+
+    async def evaluate(
+        self, cases: Sequence[CaseCard], adapter_version: int | None = None, temperature: float = 0.0
+    ) -> list[dict]:
+        """One episode per case; summaries for :func:`grpodx.evaluation.summarize`."""
+        version = self.engine.latest_version if adapter_version is None else adapter_version
+        seeds = [episode_seed(0, case.case_id, 0) for case in cases]
+        results = await asyncio.gather(
+            *(
+                self._episode(case, version, seed, temperature)
+                for case, seed in zip(cases, seeds, strict=True)
+            )
+        )
+        return [episode_summary(result) for result in results]
+
+
+def episode_summary(result: EpisodeResult) -> dict:
+    verdict = result.verdict
+    return {
+        "case_id": result.case.case_id,
+        "condition": result.case.condition,
+        "diagnosis": result.diagnosis,
+        "category": verdict.category if verdict else None,
+        "correct": bool(verdict and verdict.category == "exact"),
+        "reward": result.reward.total if result.reward else None,
+        "judge_score": verdict.score if verdict else None,
+        "turns": result.turns,
+        "finished": result.diagnosis is not None,
+        "leaked": result.malformed_turns > 0,
+        "valid": result.valid,
+        "error": result.error,
+        "adapter_version": result.adapter_version,
+    }

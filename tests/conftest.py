@@ -1,0 +1,35 @@
+"""Shared fixtures: a small random Phi-3 doctor for fast engine/learner tests, and config helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpodx.config import TinyDoctorConfig
+from grpodx.dialogue import DOCTOR_SYSTEM_PROMPT, render_message
+from grpodx.tiny.model import build_model, train_tokenizer
+
+_CORPUS = [
+    render_message("system", DOCTOR_SYSTEM_PROMPT),
+    render_message("user", "I am a 40-year-old woman. I came in because of chest pain."),
+    render_message("assistant", "<reason>Chest pain. Consider GERD.</reason> Do you have a fever?"),
+    render_message("assistant", "Final diagnosis: Influenza. Next steps: rapid influenza test."),
+    "Yes, I have had a fever. No, I don't have a cough. shortness of breath headache nausea",
+]
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    return train_tokenizer(_CORPUS * 4, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, small_tokenizer):
+    """A random (untrained) Phi3ForCausalLM saved like the tiny doctor: tokenizer + weights."""
+    config = TinyDoctorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=3)
+    torch.manual_seed(0)
+    model = build_model(config, small_tokenizer)
+    directory = tmp_path_factory.mktemp("small-doctor")
+    model.save_pretrained(directory)
+    small_tokenizer.save_pretrained(directory)
+    return directory

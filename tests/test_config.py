@@ -1,0 +1,63 @@
+"""Configuration: YAML + overrides, and errors that name the bad key or value."""
+
+from pathlib import Path
+
+import pytest
+
+from grpodx.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_shipped_configs_load():
+    for path in CONFIGS.glob("*.yaml"):
+        load_config(path)
+
+
+def test_overrides_apply_with_yaml_types():
+    config = load_config(
+        CONFIGS / "tiny-cpu.yaml", ["grpo.lr=1e-3", "grpo.scale_rewards=false", "lora.rank=4"]
+    )
+    assert config.grpo.lr == pytest.approx(1e-3)
+    assert config.grpo.scale_rewards is False
+    assert config.lora.rank == 4
+
+
+def test_nested_override():
+    config = load_config(None, ["episode.sampling.temperature=0.7"])
+    assert config.episode.sampling.temperature == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("grpo.lrr=1", "grpo.lrr"),
+        ("nosuch.key=1", "nosuch.key"),
+        ("grpo.lr.deep=1", "grpo.lr.deep"),
+    ],
+)
+def test_unknown_override_key_is_named(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_value_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations.*1"):
+        load_config(None, ["grpo.num_generations=1"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["grpo.lr"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("grpo:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'grpo\.learning_rate'"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")

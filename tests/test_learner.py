@@ -1,0 +1,176 @@
+"""The learner: GRPO step on LoRA, masks, zero-advantage groups, checkpoints, other backbones."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from grpodx.config import load_config
+from grpodx.data.trajectory import TRAJECTORY_SCHEMA
+from grpodx.learner import Learner
+
+
+def _config(**overrides):
+    items = {"lora.rank": 4, "lora.alpha": 8, "grpo.lr": 1e-2, "train.max_steps": 10, "grpo.token_budget": 64}
+    items.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def _rows(rewards, group_size, learner=None, seed=0, prompt_len=6, gen_len=5):
+    """Synthetic trajectories: a prompt (mask 0) then doctor tokens (mask 1), on-policy logprobs."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index, reward in enumerate(rewards):
+        ids = torch.randint(5, 300, (prompt_len + gen_len,), generator=generator).tolist()
+        mask = [0] * prompt_len + [1] * gen_len
+        logprobs = learner.token_logprobs(ids) if learner else [0.0] * len(ids)
+        rows.append(
+            {
+                "group_id": f"g{index // group_size}",
+                "reward": float(reward),
+                "valid": True,
+                "token_ids": ids,
+                "loss_mask": mask,
+                "behaviour_logprobs": [lp if m else 0.0 for lp, m in zip(logprobs, mask, strict=True)],
+            }
+        )
+    return rows
+
+
+def _table(rows):
+    columns = {}
+    for field in TRAJECTORY_SCHEMA:
+        if field.name in rows[0]:
+            columns[field.name] = [r[field.name] for r in rows]
+        else:
+            columns[field.name] = [None] * len(rows)
+    return pa.table(columns, schema=TRAJECTORY_SCHEMA)
+
+
+def _adapter_vector(learner):
+    return torch.cat([t.flatten() for t in learner.adapter().state_dict.values()])
+
+
+def test_step_updates_lora_only_and_advances_version(small_model_dir):
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    base_before = {k: v.clone() for k, v in learner.model.named_parameters() if not v.requires_grad}
+    before = _adapter_vector(learner)
+    metrics = learner.train_step(_table(_rows([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5], 4, learner)))
+    assert learner.version == 1
+    assert not torch.equal(before, _adapter_vector(learner))
+    for name, value in learner.model.named_parameters():
+        if not value.requires_grad:
+            assert torch.equal(value, base_before[name]), name
+    assert metrics["groups/zero_advantage"] == 1.0
+    assert metrics["groups/trained"] == 1.0
+    assert metrics["learner/tokens"] == 4 * 5  # only the non-zero group's doctor tokens
+    # On-policy: the ratio is 1 up to float noise, so nothing is clipped.
+    assert metrics["learner/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_all_equal_rewards_give_no_update(small_model_dir):
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    before = _adapter_vector(learner)
+    metrics = learner.train_step(_table(_rows([1, 1, 1, 1], 4, learner)))
+    assert torch.equal(before, _adapter_vector(learner))
+    assert metrics["groups/zero_advantage"] == 1.0 and metrics["learner/sequences"] == 0
+
+
+def test_patient_tokens_do_not_affect_the_update(small_model_dir):
+    """Changing the behaviour logprobs or ids of masked (patient) positions must change nothing."""
+    results = []
+    for corrupt in (False, True):
+        torch.manual_seed(0)
+        learner = Learner(_config(), str(small_model_dir), device="cpu")
+        rows = _rows([1, 0, 0, 0], 4, learner)
+        if corrupt:
+            for row in rows:
+                row["behaviour_logprobs"] = [
+                    lp if m else -50.0
+                    for lp, m in zip(row["behaviour_logprobs"], row["loss_mask"], strict=True)
+                ]
+        learner.train_step(_table(rows))
+        results.append(_adapter_vector(learner))
+    assert torch.allclose(results[0], results[1])
+
+
+def test_the_update_raises_the_likelihood_of_rewarded_episodes(small_model_dir):
+    learner = Learner(_config(**{"grpo.lr": 5e-3}), str(small_model_dir), device="cpu")
+    rows = _rows([1, 0, 0, 0], 4, learner)
+
+    def doctor_logprob(row):
+        lps = learner.token_logprobs(row["token_ids"])
+        return sum(lp for lp, m in zip(lps, row["loss_mask"], strict=True) if m)
+
+    good_before, bad_before = doctor_logprob(rows[0]), doctor_logprob(rows[1])
+    for _ in range(3):
+        rows = [
+            dict(
+                r,
+                behaviour_logprobs=[
+                    lp if m else 0.0
+                    for lp, m in zip(learner.token_logprobs(r["token_ids"]), r["loss_mask"], strict=True)
+                ],
+            )
+            for r in rows
+        ]
+        learner.train_step(_table(rows))
+    assert doctor_logprob(rows[0]) > good_before
+    assert doctor_logprob(rows[1]) < bad_before
+
+
+def test_failed_episodes_are_excluded(small_model_dir):
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    rows = _rows([1, 0, 0, 0], 4, learner)
+    for row in rows[1:]:
+        row["valid"] = False  # a group left with one valid episode has no baseline
+    metrics = learner.train_step(_table(rows))
+    assert metrics["learner/sequences"] == 0
+
+
+def test_micro_batching_matches_one_batch(small_model_dir):
+    vectors = []
+    for budget in (10_000, 22):
+        torch.manual_seed(0)
+        learner = Learner(_config(**{"grpo.token_budget": budget}), str(small_model_dir), device="cpu")
+        rows = _rows([1, 0, 0.2, 0.7], 4, learner)
+        learner.train_step(_table(rows))
+        vectors.append(_adapter_vector(learner))
+    assert torch.allclose(vectors[0], vectors[1], atol=1e-6)
+
+
+def test_checkpoint_restores_adapter_optimizer_and_version(small_model_dir, tmp_path):
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    learner.train_step(_table(_rows([1, 0, 0, 0], 4, learner)))
+    learner.save(tmp_path / "ckpt")
+    saved_vector = _adapter_vector(learner)
+    exp_avg = [s["exp_avg"].clone() for s in learner.optimizer.state.values()]
+
+    resumed = Learner(_config(), str(small_model_dir), device="cpu")
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.version == 1
+    assert torch.equal(saved_vector, _adapter_vector(resumed))
+    for before, after in zip(exp_avg, [s["exp_avg"] for s in resumed.optimizer.state.values()], strict=True):
+        assert torch.equal(before, after)
+    assert resumed.scheduler.last_epoch == learner.scheduler.last_epoch
+
+    # Both take the same next step.
+    rows = _rows([0, 1, 0, 0], 4, learner, seed=1)
+    learner.train_step(_table(rows))
+    resumed.train_step(_table(rows))
+    assert torch.allclose(_adapter_vector(learner), _adapter_vector(resumed))
+
+
+def test_kl_to_the_adapter_free_model_is_reported(small_model_dir):
+    learner = Learner(_config(**{"grpo.kl_coef": 0.1}), str(small_model_dir), device="cpu")
+    first = learner.train_step(_table(_rows([1, 0, 0, 0], 4, learner)))
+    assert first["learner/kl"] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA: B = 0, same model
+    second = learner.train_step(_table(_rows([1, 0, 0, 0], 4, learner, seed=2)))
+    assert second["learner/kl"] > 0.0
+
+
+def test_missing_checkpoint_has_clear_error(small_model_dir, tmp_path):
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    with pytest.raises(FileNotFoundError, match="load-checkpoint"):
+        learner.load(tmp_path)
