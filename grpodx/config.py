@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from grpodx.dialogue import DOCTOR_SYSTEM_PROMPT
+from grpodx.dialogue import DOCTOR_SYSTEM_PROMPT, LAST_TURN_NOTICE
 
 
 class ConfigError(ValueError):
@@ -28,13 +28,13 @@ class _Section(BaseModel):
 class TinyDoctorConfig(_Section):
     """Recipe of the embedded doctor; any change here rebuilds the cached model."""
 
-    hidden_size: int = 192
-    num_layers: int = 4
+    hidden_size: int = 128
+    num_layers: int = 3
     num_heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     vocab_size: int = 3000
     max_position_embeddings: int = 1024
-    warmstart_dialogues: int = 6000
+    warmstart_dialogues: int = 5000
     warmstart_epochs: int = 3
     warmstart_batch_size: int = 32
     warmstart_lr: float = 2e-3
@@ -80,7 +80,23 @@ class EpisodeConfig(_Section):
     # An episode stops without a diagnosis rather than overflow the doctor's context.
     max_total_tokens: int = Field(1024, ge=64)
     system_prompt: str = DOCTOR_SYSTEM_PROMPT
+    # A system message before the last doctor turn; null to leave the doctor to count turns itself.
+    last_turn_notice: str | None = LAST_TURN_NOTICE
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class ApiClientConfig(_Section):
+    """How one worker actor talks to an OpenAI-compatible API (shared by all its calls)."""
+
+    timeout_s: float = Field(30.0, gt=0.0)
+    max_retries: int = Field(5, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0.0)
+    backoff_max_s: float = Field(20.0, ge=0.0)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    # USD per million tokens, for the cost estimate in the metrics (gpt-4o-mini's list prices).
+    input_cost_per_mtok: float = Field(0.15, ge=0.0)
+    output_cost_per_mtok: float = Field(0.60, ge=0.0)
 
 
 class PatientConfig(_Section):
@@ -88,6 +104,9 @@ class PatientConfig(_Section):
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     max_concurrency: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    max_tokens: int = Field(200, ge=1)
+    client: ApiClientConfig = Field(default_factory=ApiClientConfig)
 
 
 class JudgeConfig(_Section):
@@ -95,6 +114,17 @@ class JudgeConfig(_Section):
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     max_concurrency: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(300, ge=1)
+    # Ask for JSON-schema structured output; servers without it get a JSON-object request instead.
+    structured_output: bool = True
+    # Extra attempts when the answer is malformed or out of range, before recording a judge failure.
+    invalid_answer_retries: int = Field(2, ge=0)
+    # Final score = (1 - w) * LLM score + w * offline ICD-10-CM score.
+    icd_blend_weight: float = Field(0.0, ge=0.0, le=1.0)
+    # Directory for a disk cache of identical judge requests (off when null).
+    cache_dir: str | None = None
+    client: ApiClientConfig = Field(default_factory=ApiClientConfig)
 
 
 class RewardConfig(_Section):

@@ -37,6 +37,10 @@ DOCTOR_SYSTEM_PROMPT = (
     "never sees. Within 5 turns, write 'Final diagnosis: <condition>' and the next steps."
 )
 
+# Said by the system before the doctor's last turn: a small model cannot count turns, and a real one
+# should not have to guess where the limit is.
+LAST_TURN_NOTICE = "This is your last turn: give your final diagnosis now."
+
 REASON_OPEN = "<reason>"
 REASON_CLOSE = "</reason>"
 _TAG = re.compile(r"</?reason>", re.IGNORECASE)

@@ -48,7 +48,7 @@ def doctor_source(config: Config, progress: bool = True) -> str:
     if config.model.name == "tiny":
         from grpodx.tiny.build import tiny_doctor_path
 
-        return str(tiny_doctor_path(config.model, config.episode.system_prompt, progress=progress))
+        return str(tiny_doctor_path(config.model, config.episode, progress=progress))
     return config.model.name
 
 

@@ -152,4 +152,7 @@ class EpisodeRunner:
             reply = await self.patient.reply(case, result.history)
             result.patient_s += time.perf_counter() - started
             result.history.append(Message("patient", reply))
-            result._extend(chat.message("user", reply) + chat.generation_prompt(), 0)
+            result._extend(chat.message("user", reply), 0)
+            if turn == config.max_turns - 2 and config.last_turn_notice:
+                result._extend(chat.message("system", config.last_turn_notice), 0)
+            result._extend(chat.generation_prompt(), 0)

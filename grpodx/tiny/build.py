@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 from transformers import Phi3ForCausalLM, PreTrainedTokenizerFast
 
-from grpodx.config import ModelConfig
+from grpodx.config import EpisodeConfig, ModelConfig
 from grpodx.dialogue import ChatCodec, render_message
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
@@ -41,22 +41,24 @@ def cache_root(model_config: ModelConfig) -> Path:
     return Path(root)
 
 
-def recipe_hash(model_config: ModelConfig, system_prompt: str) -> str:
+def recipe_hash(model_config: ModelConfig, episode: EpisodeConfig) -> str:
     kb_text = (Path(__file__).parents[1] / "medical" / "knowledge_base.yaml").read_bytes()
     recipe = {
         "version": RECIPE_VERSION,
         "tiny": model_config.tiny.model_dump(),
-        "system_prompt": system_prompt,
+        "system_prompt": episode.system_prompt,
+        "last_turn_notice": episode.last_turn_notice,
+        "max_turns": episode.max_turns,
         "kb": hashlib.sha256(kb_text).hexdigest(),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tiny_doctor_path(model_config: ModelConfig, system_prompt: str, progress: bool = True) -> Path:
+def tiny_doctor_path(model_config: ModelConfig, episode: EpisodeConfig, progress: bool = True) -> Path:
     """Directory of the warm-started tiny doctor (tokenizer + model), building it if needed."""
     root = cache_root(model_config)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"tiny-doctor-{recipe_hash(model_config, system_prompt)}"
+    target = root / f"tiny-doctor-{recipe_hash(model_config, episode)}"
     if (target / "config.json").exists():
         return target
     with open(root / ".build.lock", "w") as lock:
@@ -64,7 +66,7 @@ def tiny_doctor_path(model_config: ModelConfig, system_prompt: str, progress: bo
         if not (target / "config.json").exists():
             staging = Path(tempfile.mkdtemp(prefix="tiny-doctor-", dir=root))
             try:
-                build_tiny_doctor(model_config, system_prompt, staging, progress=progress)
+                build_tiny_doctor(model_config, episode, staging, progress=progress)
                 staging.rename(target)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -72,12 +74,12 @@ def tiny_doctor_path(model_config: ModelConfig, system_prompt: str, progress: bo
     return target
 
 
-def scripted_dialogues(count: int, seed: int) -> list[ScriptedDialogue]:
+def scripted_dialogues(count: int, seed: int, episode: EpisodeConfig) -> list[ScriptedDialogue]:
     kb = load_knowledge_base()
-    doctor = ScriptedDoctor(kb)
+    doctor = ScriptedDoctor(kb, last_turn_notice=episode.last_turn_notice)
     sampler = CaseSampler(kb, "train", WARMSTART_SAMPLER_SEED + seed)
     rng = random.Random(seed)
-    return [doctor.dialogue(sampler.sample(), rng) for _ in range(count)]
+    return [doctor.dialogue(sampler.sample(), rng, episode.max_turns) for _ in range(count)]
 
 
 def _corpus(dialogues: list[ScriptedDialogue], system_prompt: str) -> list[str]:
@@ -110,11 +112,12 @@ def encode_dialogue(
 
 
 def build_tiny_doctor(
-    model_config: ModelConfig, system_prompt: str, out_dir: Path, progress: bool = True
+    model_config: ModelConfig, episode: EpisodeConfig, out_dir: Path, progress: bool = True
 ) -> None:
     tiny = model_config.tiny
+    system_prompt = episode.system_prompt
     torch.manual_seed(tiny.seed)
-    dialogues = scripted_dialogues(tiny.warmstart_dialogues, tiny.seed)
+    dialogues = scripted_dialogues(tiny.warmstart_dialogues, tiny.seed, episode)
     tokenizer = train_tokenizer(_corpus(dialogues, system_prompt), tiny.vocab_size)
     chat = ChatCodec(tokenizer)
     encoded = [encode_dialogue(chat, system_prompt, d) for d in dialogues]

@@ -23,7 +23,7 @@ from grpodx.medical.knowledge import KnowledgeBase
 @dataclass(frozen=True)
 class ScriptedDialogue:
     case: CaseCard
-    messages: list[tuple[str, str]]  # (role, content) in chat-template roles: user / assistant
+    messages: list[tuple[str, str]]  # (role, content) in chat-template roles: user / assistant / system
     diagnosis: str
 
 
@@ -83,8 +83,9 @@ class BayesModel:
 
 
 class ScriptedDoctor:
-    def __init__(self, kb: KnowledgeBase, best_question_share: float = 0.6):
+    def __init__(self, kb: KnowledgeBase, best_question_share: float = 0.6, last_turn_notice: str | None = None):
         self.kb = kb
+        self.last_turn_notice = last_turn_notice
         self.model = BayesModel(kb)
         self.patient = ScriptedPatient(kb)
         self.best_question_share = best_question_share
@@ -117,13 +118,15 @@ class ScriptedDoctor:
                 break
             asked.add(symptom_id)
             phrase = self.kb.symptom(symptom_id).phrase
-            candidates = ", ".join(self.top_conditions(log_post, 3))
+            candidates = " or ".join(self.top_conditions(log_post, 2))
             thought = f"{REASON_OPEN}Consider {candidates}.{REASON_CLOSE}"
             messages.append(("assistant", f"{thought} Do you have {phrase}?"))
             answer = self.patient.reply_text(case, f"Do you have {phrase}?")
             messages.append(("user", answer))
             log_post = self.model.update(log_post, symptom_id, symptom_id in case.present)
         diagnosis = self.top_conditions(log_post, 1)[0]
+        if self.last_turn_notice and len(messages) == 2 * max_turns - 1:
+            messages.append(("system", self.last_turn_notice))
         messages.append(("assistant", final_turn(self.kb, diagnosis)))
         return ScriptedDialogue(case=case, messages=messages, diagnosis=diagnosis)
 

@@ -1,0 +1,96 @@
+"""A few real training steps through Ray: two rollout workers, one learner, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from grpodx.config import load_config
+from grpodx.orchestrator import Orchestrator
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(model_dir, run_dir, max_steps):
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"train.run_dir={run_dir}",
+            "train.run_name=ray-test",
+            f"train.max_steps={max_steps}",
+            "train.save_steps=1",
+            "train.batch_size=3",
+            "train.eval_cases=4",
+            "grpo.num_generations=2",
+            "grpo.lr=1e-2",
+            "lora.rank=4",
+            "episode.max_turns=2",
+            "episode.sampling.max_new_tokens=6",
+            "ray.num_rollout_workers=2",
+            "ray.rollout_num_cpus=1",
+            "ray.learner_num_cpus=1",
+        ],
+    )
+
+
+def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
+    config = _config(small_model_dir, tmp_path, max_steps=2)
+    orchestrator = Orchestrator(config, progress=False)
+    result = orchestrator.train()
+    run_dir = result.run_dir
+    assert result.steps == 2
+
+    # The adapter version advanced on every worker, to the learner's version.
+    versions = ray.get([w.adapter_versions.remote() for w in orchestrator.workers])
+    assert all(max(v) == 2 for v in versions), versions
+    assert ray.get(orchestrator.learner.version.remote()) == 2
+    orchestrator.shutdown()
+
+    # Trajectories: one Parquet file per step, readable by pandas and pyarrow, masks as recorded.
+    frame = pd.read_parquet(run_dir / "trajectories")
+    assert len(frame) == 2 * 3 * 2
+    assert set(frame["worker_id"]) == {"rollout-0", "rollout-1"}
+    assert sorted(frame.groupby("step")["policy_version"].unique().map(list).sum()) == [0, 1]
+    for group_id, group in frame.groupby("group_id"):
+        assert group["case_id"].nunique() == 1 and len(group) == 2, group_id
+    table = pq.read_table(run_dir / "trajectories" / "step-000001.parquet")
+    for row in table.to_pylist():
+        ids, mask, logprobs = row["token_ids"], row["loss_mask"], row["behaviour_logprobs"]
+        assert len(ids) == len(mask) == len(logprobs)
+        assert sum(mask) == row["num_doctor_tokens"] > 0
+        assert all(lp == 0.0 for lp, m in zip(logprobs, mask, strict=True) if not m)
+        assert all(lp <= 0.0 for lp in logprobs)
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "reward/mean" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    for key in ("groups/zero_advantage", "time/weight_push", "time/rollout", "learner/seconds", "tokens/doctor"):
+        assert key in steps[0]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # Resume from step 2 and run to step 3: the step count and learner state continue.
+    checkpoint = run_dir / "checkpoints" / "step-000002"
+    assert (checkpoint / "adapter" / "adapter_config.json").is_file()
+    resumed = Orchestrator(_config(small_model_dir, tmp_path, max_steps=3), load_checkpoint=str(checkpoint), progress=False)
+    assert resumed.run_dir == run_dir
+    result = resumed.train()
+    assert result.steps == 3
+    versions = ray.get([w.adapter_versions.remote() for w in resumed.workers])
+    assert all(max(v) == 3 for v in versions)
+    resumed.shutdown()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "reward/mean" in line] == [1, 2, 3]
+    state = json.loads((run_dir / "checkpoints" / "step-000003" / "orchestrator.json").read_text())
+    assert state["step"] == 3 and state["sampler"]["position"] == 9
+    third = pd.read_parquet(run_dir / "trajectories" / "step-000003.parquet")
+    assert set(third["policy_version"]) == {2}
