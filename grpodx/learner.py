@@ -84,6 +84,11 @@ class Learner:
         use_kl = self.config.grpo.kl_coef > 0
         selected = [i for i, a in enumerate(advantages) if a is not None and (a != 0.0 or use_kl)]
         num_tokens = sum(sum(rows[i]["loss_mask"]) for i in selected)
+        if self.config.grpo.loss_aggregation == "sequence-mean" and selected:
+            counts = torch.tensor([sum(rows[i]["loss_mask"]) for i in selected])
+            scaled = grpo.sequence_mean_advantages(torch.tensor([advantages[i] for i in selected]), counts)
+            for i, value in zip(selected, scaled.tolist(), strict=True):
+                advantages[i] = value
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)

@@ -25,9 +25,12 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
     exact = pc.sum(pc.cast(pc.equal(valid.column("judge_category"), "exact"), pa.int64())).as_py() or 0
     finished = pc.sum(pc.cast(pc.is_valid(valid.column("diagnosis")), pa.int64())).as_py() or 0
     leaked = pc.sum(pc.cast(pc.greater(valid.column("reasoning_leaks"), 0), pa.int64())).as_py() or 0
+    errors = [e for e in table.column("error").to_pylist() if e]
     return {
         "episodes/total": float(n),
         "episodes/failed": float(n - valid.num_rows),
+        "episodes/judge_failures": float(sum(e.startswith("judge:") for e in errors)),
+        "episodes/conversation_failures": float(sum(e.startswith("conversation:") for e in errors)),
         "reward/mean": mean("reward"),
         "reward/accuracy": exact / v,
         "reward/partial_credit": mean("reward_judge"),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
+from pydantic import SecretStr
 from tqdm import tqdm
 
 from grpodx.config import Config, ConfigError, dump_config
@@ -70,9 +71,17 @@ def init_ray(config: Config) -> None:
 
 
 class Orchestrator:
-    def __init__(self, config: Config, *, load_checkpoint: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        load_checkpoint: str | None = None,
+        progress: bool = True,
+        api_key: SecretStr | None = None,
+    ):
         self.config = config
         self.progress = progress
+        self._api_key = api_key
         self.kb = load_knowledge_base()
         self.sampler = CaseSampler(self.kb, "train", config.train.seed)
         self.step = 0
@@ -97,7 +106,7 @@ class Orchestrator:
         config = self.config
         # Build (or find) the doctor before any actor starts, so the actors only load it.
         self.model_source = doctor_source(config, progress=self.progress)
-        self.patient_worker, self.judge_worker = start_sim_workers(config)
+        self.patient_worker, self.judge_worker = start_sim_workers(config, self._api_key)
         self.learner = LearnerActor.options(
             num_cpus=config.ray.learner_num_cpus, num_gpus=config.ray.learner_num_gpus
         ).remote(config, self.model_source)
@@ -236,6 +245,7 @@ class Orchestrator:
         push_s = self._push_adapter()
         metrics = rollout_metrics(table)
         metrics.update(learner_metrics)
+        metrics.update(self._api_usage())
         metrics.update(
             {
                 "time/rollout": rollout_s,
@@ -246,10 +256,23 @@ class Orchestrator:
         )
         return metrics
 
+    def _api_usage(self) -> dict[str, float]:
+        """Token usage, failures and cost estimate of an API-backed patient/judge: this step and in total."""
+        metrics: dict[str, float] = {}
+        for role, worker in (("patient", self.patient_worker), ("judge", self.judge_worker)):
+            step, total = ray.get([worker.usage_delta.remote(), worker.usage_total.remote()])
+            metrics.update({f"api/{role}/{key}": value for key, value in step.items()})
+            if total:
+                metrics[f"api/{role}/total_cost_usd"] = total["cost_usd"]
+                metrics[f"api/{role}/total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+        return metrics
+
     def _log(self, message: str) -> None:
         tqdm.write(message)
 
     def shutdown(self) -> None:
-        for actor in [*getattr(self, "workers", []), getattr(self, "learner", None)]:
+        sims = [getattr(self, "patient_worker", None), getattr(self, "judge_worker", None)]
+        ray.get([w.close.remote() for w in sims if w is not None])
+        for actor in [*getattr(self, "workers", []), getattr(self, "learner", None), *sims]:
             if actor is not None:
                 ray.kill(actor)

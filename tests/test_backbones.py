@@ -16,8 +16,16 @@ from grpodx.models import load_doctor, lora_target_modules
 from tests.test_learner import _adapter_vector, _rows, _table
 
 ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
 }
 
 

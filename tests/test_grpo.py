@@ -13,6 +13,7 @@ from grpodx.algo.grpo import (
     micro_batches,
     policy_loss,
     sequence_logprobs,
+    sequence_mean_advantages,
     zero_advantage_groups,
 )
 
@@ -420,3 +421,30 @@ def test_micro_batches_random_respects_budget():
         batches = micro_batches(lengths, budget)
         _check_partition(batches, lengths, budget)
         assert micro_batches(lengths, budget) == batches
+
+
+def test_sequence_mean_advantages_hand_values():
+    # counts [2, 4]: N = 6, B = 2, so scales are 6 / (2 * 2) = 1.5 and 6 / (4 * 2) = 0.75.
+    scaled = sequence_mean_advantages(torch.tensor([1.0, -1.0]), torch.tensor([2, 4]))
+    assert torch.allclose(scaled, torch.tensor([1.5, -0.75]))
+    # A sequence without loss tokens gets no weight instead of a division by zero.
+    assert sequence_mean_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 3]))[0] == 0.0
+
+
+def test_sequence_mean_advantages_turn_token_mean_into_sequence_mean():
+    generator = torch.Generator().manual_seed(0)
+    logprobs = torch.randn(3, 6, generator=generator).clamp(max=0)
+    behaviour = logprobs + 0.05 * torch.randn(3, 6, generator=generator)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    advantages = torch.tensor([1.0, -0.5, 0.3])
+    counts = mask.sum(1)
+    loss, _ = policy_loss(
+        logprobs, behaviour, sequence_mean_advantages(advantages, counts), mask, num_tokens=counts.sum()
+    )
+    # The same objective written out: mean over sequences of each sequence's token mean.
+    expected = 0.0
+    for i in range(3):
+        ratio = torch.exp(logprobs[i] - behaviour[i])[mask[i]]
+        per_token = -torch.minimum(ratio * advantages[i], ratio.clamp(0.8, 1.28) * advantages[i])
+        expected += per_token.mean() / 3
+    assert torch.allclose(loss, expected, atol=1e-6)

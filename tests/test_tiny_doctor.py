@@ -27,7 +27,8 @@ def test_tokenizer_carries_phi4_tokens_and_template(small_tokenizer):
         assert len(ids) == 1, token
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     text = small_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user<|im_sep|>U<|im_end|><|im_start|>assistant<|im_sep|>"
+    expected = "<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user<|im_sep|>U<|im_end|>"
+    assert text == expected + "<|im_start|>assistant<|im_sep|>"
     assert small_tokenizer.eos_token == IM_END and small_tokenizer.pad_token == PAD
     chat = ChatCodec(small_tokenizer)
     assert chat.decode(chat.encode("Do you have a fever?") + [chat.im_end_id]) == "Do you have a fever?"
@@ -52,7 +53,10 @@ def test_scripted_doctor_is_far_better_than_guessing():
     doctor = ScriptedDoctor(KB)
     sampler = CaseSampler(KB, "train", 11)
     rng = random.Random(0)
-    right = sum(doctor.dialogue(case, rng).diagnosis == case.condition for case in (sampler.sample() for _ in range(200)))
+    right = sum(
+        doctor.dialogue(case, rng).diagnosis == case.condition
+        for case in (sampler.sample() for _ in range(200))
+    )
     assert right / 200 > 10 / len(KB.conditions)
 
 

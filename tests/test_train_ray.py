@@ -74,14 +74,22 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "reward/mean" in line]
     assert [line["step"] for line in steps] == [1, 2]
-    for key in ("groups/zero_advantage", "time/weight_push", "time/rollout", "learner/seconds", "tokens/doctor"):
+    for key in (
+        "groups/zero_advantage",
+        "time/weight_push",
+        "time/rollout",
+        "learner/seconds",
+        "tokens/doctor",
+    ):
         assert key in steps[0]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     # Resume from step 2 and run to step 3: the step count and learner state continue.
     checkpoint = run_dir / "checkpoints" / "step-000002"
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
-    resumed = Orchestrator(_config(small_model_dir, tmp_path, max_steps=3), load_checkpoint=str(checkpoint), progress=False)
+    resumed = Orchestrator(
+        _config(small_model_dir, tmp_path, max_steps=3), load_checkpoint=str(checkpoint), progress=False
+    )
     assert resumed.run_dir == run_dir
     result = resumed.train()
     assert result.steps == 3
@@ -94,3 +102,50 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert state["step"] == 3 and state["sampler"]["position"] == 9
     third = pd.read_parquet(run_dir / "trajectories" / "step-000003.parquet")
     assert set(third["policy_version"]) == {2}
+
+
+def test_training_with_api_patient_and_judge(ray_session, small_model_dir, tmp_path):
+    """A few steps with both API backends pointed at our loopback Chat Completions server."""
+    from pydantic import SecretStr
+
+    from tests.openai_server import OpenAICompatibleServer
+
+    secret = "sk-test-grpodx-0123456789abcdef"
+    with OpenAICompatibleServer() as server:
+        config = load_config(
+            None,
+            [
+                f"model.name={small_model_dir}",
+                f"train.run_dir={tmp_path}",
+                "train.run_name=api",
+                "train.max_steps=2",
+                "train.save_steps=2",
+                "train.batch_size=2",
+                "train.eval_cases=0",
+                "grpo.num_generations=2",
+                "lora.rank=4",
+                "episode.max_turns=2",
+                "episode.sampling.max_new_tokens=6",
+                "ray.num_rollout_workers=1",
+                "patient.kind=openai",
+                f"patient.base_url={server.base_url}",
+                "judge.kind=openai",
+                f"judge.base_url={server.base_url}",
+            ],
+        )
+        orchestrator = Orchestrator(config, progress=False, api_key=SecretStr(secret))
+        result = orchestrator.train()
+        orchestrator.shutdown()
+        requests = server.requests
+    assert result.steps == 2
+    # The patient was asked (every episode has at least one doctor question before the last turn)
+    # and every request carried the key.
+    assert requests and all(r.authorization == f"Bearer {secret}" for r in requests)
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["api/patient/requests"] > 0 for line in lines)
+    assert all(line["episodes/failed"] == 0 for line in lines)
+    assert lines[-1]["api/patient/total_tokens"] > 0
+    # The key never reaches the run directory: config, metrics, Parquet, checkpoints.
+    for path in result.run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import ray
+from pydantic import SecretStr
 
 from grpodx.config import Config
 from grpodx.env import make_judge, make_patient
@@ -19,25 +20,44 @@ from grpodx.env.patient import Message, Patient
 from grpodx.medical.cases import CaseCard
 
 
+class _UsageReporting:
+    """API usage of the worker's patient or judge; offline ones report nothing."""
+
+    def usage_delta(self) -> dict[str, float]:
+        usage = getattr(self._inner, "usage", None)
+        return usage.delta() if usage is not None else {}
+
+    def usage_total(self) -> dict[str, float]:
+        usage = getattr(self._inner, "usage", None)
+        return usage.snapshot() if usage is not None else {}
+
+    async def close(self) -> None:
+        close = getattr(self._inner, "aclose", None)
+        if close is not None:
+            await close()
+
+
+# The API key arrives as a SecretStr (its repr is masked wherever Ray shows arguments) and is only
+# unwrapped inside the client.
 @ray.remote(num_cpus=0)
-class PatientWorker:
-    def __init__(self, config: Config):
-        self.patient = make_patient(config)
+class PatientWorker(_UsageReporting):
+    def __init__(self, config: Config, api_key: SecretStr | None = None):
+        self._inner = make_patient(config, api_key)
 
     async def opening(self, case: CaseCard) -> str:
-        return await self.patient.opening(case)
+        return await self._inner.opening(case)
 
     async def reply(self, case: CaseCard, history: list[Message]) -> str:
-        return await self.patient.reply(case, history)
+        return await self._inner.reply(case, history)
 
 
 @ray.remote(num_cpus=0)
-class JudgeWorker:
-    def __init__(self, config: Config):
-        self.judge = make_judge(config)
+class JudgeWorker(_UsageReporting):
+    def __init__(self, config: Config, api_key: SecretStr | None = None):
+        self._inner = make_judge(config, api_key)
 
     async def score(self, case: CaseCard, diagnosis: str | None, transcript: list[Message]) -> Verdict:
-        return await self.judge.score(case, diagnosis, transcript)
+        return await self._inner.score(case, diagnosis, transcript)
 
 
 class RemotePatient(Patient):
@@ -59,7 +79,7 @@ class RemoteJudge(Judge):
         return await self.handle.score.remote(case, diagnosis, list(transcript))
 
 
-def start_sim_workers(config: Config):
-    patient = PatientWorker.options(max_concurrency=config.patient.max_concurrency).remote(config)
-    judge = JudgeWorker.options(max_concurrency=config.judge.max_concurrency).remote(config)
+def start_sim_workers(config: Config, api_key: SecretStr | None = None):
+    patient = PatientWorker.options(max_concurrency=config.patient.max_concurrency).remote(config, api_key)
+    judge = JudgeWorker.options(max_concurrency=config.judge.max_concurrency).remote(config, api_key)
     return patient, judge

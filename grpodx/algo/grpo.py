@@ -70,6 +70,27 @@ def zero_advantage_groups(rewards: Tensor, group_size: int, atol: float = 1e-8) 
     return (groups.amax(dim=1) - groups.amin(dim=1)) <= atol
 
 
+def sequence_mean_advantages(advantages: Tensor, loss_token_counts: Tensor) -> Tensor:
+    """Rescale advantages so that the token-mean ``policy_loss`` becomes a sequence mean.
+
+    ``A_i * N / (L_i * B)`` with ``L_i`` the loss tokens of sequence i, ``N`` their sum and ``B`` the
+    number of sequences: every episode then weighs the same whatever its length. Why it matters: under
+    a token mean, a group whose failures are longer than its successes puts net negative weight on the
+    tokens all its episodes share (the markup, the phrasing of questions), which drives a small policy
+    towards garbage.
+    The clipped objective is positively homogeneous in A, so scaling A is exactly re-weighting the tokens.
+    """
+    counts = loss_token_counts.float()
+    if counts.shape != advantages.shape:
+        raise ValueError(
+            f"advantages and loss_token_counts must both be [B], got {tuple(advantages.shape)} "
+            f"and {tuple(counts.shape)}"
+        )
+    total = counts.sum()
+    scale = torch.where(counts > 0, total / (counts.clamp(min=1) * counts.numel()), 0.0)
+    return advantages.float() * scale
+
+
 def sequence_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each token given the tokens before it: [B, T] float32, position 0 is 0.0.
 

@@ -96,14 +96,20 @@ class EpisodeRunner:
 
     async def run(self, case: CaseCard, adapter_version: int, sampling: SamplingParams) -> EpisodeResult:
         result = EpisodeResult(case=case, adapter_version=adapter_version)
+        # A failed patient, engine or judge call is recorded with its stage and excluded from the
+        # gradient; it is never given a default score.
         try:
             await self._converse(result, sampling)
-            started = time.perf_counter()
-            result.verdict = await self.judge.score(case, result.diagnosis, result.history)
-            result.judge_s = time.perf_counter() - started
-        except Exception as exc:  # noqa: BLE001 - a failed patient/judge call is recorded, not scored
-            result.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            result.error = f"conversation: {type(exc).__name__}: {exc}"
             return result
+        started = time.perf_counter()
+        try:
+            result.verdict = await self.judge.score(case, result.diagnosis, result.history)
+        except Exception as exc:  # noqa: BLE001
+            result.error = f"judge: {type(exc).__name__}: {exc}"
+            return result
+        result.judge_s = time.perf_counter() - started
         result.reward = compute_reward(
             self.reward_config,
             self.kb,

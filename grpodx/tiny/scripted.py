@@ -83,7 +83,9 @@ class BayesModel:
 
 
 class ScriptedDoctor:
-    def __init__(self, kb: KnowledgeBase, best_question_share: float = 0.6, last_turn_notice: str | None = None):
+    def __init__(
+        self, kb: KnowledgeBase, best_question_share: float = 0.6, last_turn_notice: str | None = None
+    ):
         self.kb = kb
         self.last_turn_notice = last_turn_notice
         self.model = BayesModel(kb)
