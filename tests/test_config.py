@@ -61,3 +61,9 @@ def test_unknown_key_in_file(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_cross_section_rule_names_the_keys():
+    with pytest.raises(ConfigError, match=r"top_p=1\.0 or engine\.kind=hf") as error:
+        load_config(None, ["engine.kind=vllm", "episode.sampling.top_p=0.9"])
+    assert "{" not in str(error.value)  # the message, not a dump of the whole config

