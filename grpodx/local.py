@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from grpodx.config import Config, ConfigError
 from grpodx.engines.base import AdapterWeights
 from grpodx.env import make_judge, make_patient
@@ -35,20 +37,23 @@ def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
     return AdapterWeights(version, load_peft_weights(str(directory), device="cpu"), peft_config)
 
 
-async def evaluate_locally(config: Config, checkpoint: str | None = None) -> dict:
+async def evaluate_locally(
+    config: Config, checkpoint: str | None = None, api_key: SecretStr | None = None
+) -> dict:
     source = doctor_source(config)
-    worker = RolloutWorker(
-        "eval",
-        config,
-        source,
-        make_patient(config),
-        make_judge(config),
-        device=best_device(config.ray.rollout_num_gpus),
-    )
+    patient, judge = make_patient(config, api_key), make_judge(config, api_key)
+    device = best_device(config.ray.rollout_num_gpus)
+    worker = RolloutWorker("eval", config, source, patient, judge, device=device)
     if checkpoint:
         worker.load_adapter(read_adapter(checkpoint))
     kb = load_knowledge_base()
-    episodes = await worker.evaluate(
-        eval_cases(kb, config.train.eval_cases), None, config.train.eval_temperature
-    )
+    try:
+        cases = eval_cases(kb, config.train.eval_cases)
+        episodes = await worker.evaluate(cases, None, config.train.eval_temperature)
+    finally:
+        for part in (patient, judge):
+            close = getattr(part, "aclose", None)
+            if close is not None:
+                await close()
+        await worker.engine.close()
     return summarize(episodes, num_conditions=len(kb.conditions))
