@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-FIGURES = ("accuracy", "mean_reward", "partial_credit", "mean_turns", "finished", "leaked")
-
 
 def summarize(episodes: Sequence[dict], num_conditions: int | None = None) -> dict[str, float]:
     """Shares and means over valid episodes; failed ones (patient/judge errors) are counted apart."""

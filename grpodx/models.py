@@ -7,10 +7,8 @@ backbone trains with a config change only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grpodx.config import Config, ConfigError
@@ -60,13 +58,5 @@ def load_doctor(source: str, dtype: str = "float32", device: str | torch.device 
     return model.eval(), tokenizer
 
 
-def model_type_of(source: str) -> str:
-    return AutoConfig.from_pretrained(source).model_type
-
-
 def best_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def is_local_dir(source: str) -> bool:
-    return Path(source).is_dir()

@@ -105,7 +105,3 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "loss_mask": result.loss_mask,
         "behaviour_logprobs": result.logprobs,
     }
-
-
-def concat(batches: Sequence[pa.RecordBatch]) -> pa.Table:
-    return pa.Table.from_batches(list(batches), schema=TRAJECTORY_SCHEMA)

@@ -43,12 +43,6 @@ class AdapterWeights:
     state_dict: dict[str, torch.Tensor]
     peft_config: dict = field(default_factory=dict)
 
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.state_dict.values())
-
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict.values())
-
 
 class GenerationEngine(ABC):
     """One model that serves many concurrent requests; adapters hot-swapped by version."""
