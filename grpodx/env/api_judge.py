@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from grpodx.config import JudgeConfig
 from grpodx.env.judge import IcdJudge, Judge, JudgeError, Verdict
-from grpodx.env.llm import ApiClient, ApiError, ApiUsage, ChatResult
+from grpodx.env.llm import ApiBacked, ApiClient, ApiError, ChatResult
 from grpodx.env.patient import Message
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase
@@ -148,7 +148,7 @@ class JudgeCache:
         os.replace(temporary, self.directory / f"{key}.json")
 
 
-class OpenAIJudge(Judge):
+class OpenAIJudge(ApiBacked, Judge):
     """Scores a diagnosis with a chat model following :data:`JUDGE_RUBRIC`, optionally blended with ICD."""
 
     def __init__(self, config: JudgeConfig, client: ApiClient, kb: KnowledgeBase):
@@ -165,26 +165,7 @@ class OpenAIJudge(Judge):
 
     @classmethod
     def from_config(cls, config: JudgeConfig, api_key: SecretStr, kb: KnowledgeBase) -> OpenAIJudge:
-        client = ApiClient(
-            config.client,
-            model=config.model,
-            api_key=api_key,
-            base_url=config.base_url,
-            max_concurrency=config.max_concurrency,
-            name="judge",
-        )
-        return cls(config, client, kb)
-
-    def __repr__(self) -> str:
-        return f"OpenAIJudge({self.client!r})"
-
-    @property
-    def usage(self) -> ApiUsage:
-        """This worker's API counters; see :class:`ApiUsage` for the keys."""
-        return self.client.usage
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+        return cls(config, cls.make_client(config, api_key, "judge"), kb)
 
     async def score(self, case: CaseCard, diagnosis: str | None, transcript: Sequence[Message]) -> Verdict:
         if not diagnosis or not diagnosis.strip():

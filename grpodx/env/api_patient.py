@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pydantic import SecretStr
 
 from grpodx.config import PatientConfig
-from grpodx.env.llm import ApiClient, ApiUsage
+from grpodx.env.llm import ApiBacked, ApiClient
 from grpodx.env.patient import Message, Patient, ScriptedPatient
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase
@@ -46,7 +46,7 @@ class PatientError(RuntimeError):
     """The patient model gave no usable reply; the episode is excluded, never trained on."""
 
 
-class OpenAIPatient(Patient):
+class OpenAIPatient(ApiBacked, Patient):
     """Roleplays one case card through a chat model; same card and seed give the same prompt and seed."""
 
     def __init__(self, config: PatientConfig, client: ApiClient, kb: KnowledgeBase):
@@ -57,26 +57,7 @@ class OpenAIPatient(Patient):
 
     @classmethod
     def from_config(cls, config: PatientConfig, api_key: SecretStr, kb: KnowledgeBase) -> OpenAIPatient:
-        client = ApiClient(
-            config.client,
-            model=config.model,
-            api_key=api_key,
-            base_url=config.base_url,
-            max_concurrency=config.max_concurrency,
-            name="patient",
-        )
-        return cls(config, client, kb)
-
-    def __repr__(self) -> str:
-        return f"OpenAIPatient({self.client!r})"
-
-    @property
-    def usage(self) -> ApiUsage:
-        """This worker's API counters; see :class:`ApiUsage` for the keys."""
-        return self.client.usage
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+        return cls(config, cls.make_client(config, api_key, "patient"), kb)
 
     async def opening(self, case: CaseCard) -> str:
         return self._scripted.opening_text(case)

@@ -429,3 +429,32 @@ class ApiClient:
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._api_key.get_secret_value())
+
+
+class ApiBacked:
+    """What an API-backed patient and judge share: one client per worker, its usage, its shutdown."""
+
+    client: ApiClient
+
+    @staticmethod
+    def make_client(config, api_key, name: str) -> ApiClient:
+        """The client for a ``PatientConfig`` or ``JudgeConfig`` (same fields for both)."""
+        return ApiClient(
+            config.client,
+            model=config.model,
+            api_key=api_key,
+            base_url=config.base_url,
+            max_concurrency=config.max_concurrency,
+            name=name,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.client!r})"
+
+    @property
+    def usage(self) -> ApiUsage:
+        """This worker's API counters; see :class:`ApiUsage` for the keys."""
+        return self.client.usage
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
