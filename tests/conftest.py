@@ -23,13 +23,16 @@ def small_tokenizer():
     return train_tokenizer(_CORPUS * 4, vocab_size=400)
 
 
+def save_random_doctor(directory, tokenizer, config: TinyDoctorConfig):
+    """A random (untrained) Phi3ForCausalLM saved like the tiny doctor: tokenizer + weights."""
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory, small_tokenizer):
-    """A random (untrained) Phi3ForCausalLM saved like the tiny doctor: tokenizer + weights."""
     config = TinyDoctorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=3)
-    torch.manual_seed(0)
-    model = build_model(config, small_tokenizer)
-    directory = tmp_path_factory.mktemp("small-doctor")
-    model.save_pretrained(directory)
-    small_tokenizer.save_pretrained(directory)
-    return directory
+    return save_random_doctor(tmp_path_factory.mktemp("small-doctor"), small_tokenizer, config)

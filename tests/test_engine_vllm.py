@@ -27,7 +27,7 @@ from grpodx.engines import create_engine  # noqa: E402
 from grpodx.engines.base import AdapterWeights, SamplingParams  # noqa: E402
 from grpodx.learner import Learner  # noqa: E402
 from grpodx.orchestrator import Orchestrator  # noqa: E402
-from grpodx.tiny.model import build_model  # noqa: E402
+from tests.conftest import save_random_doctor
 
 # The parity tolerance. Both sides compute float32 log-softmaxes of the same float32 model; they differ
 # only in kernels (vLLM's CPU attention and LoRA ops against transformers' eager ones), which moves a
@@ -94,12 +94,7 @@ def vllm_model_dir(tmp_path_factory, small_tokenizer):
     """A random doctor like conftest's ``small_model_dir`` but with 32-dim heads: vLLM's CPU attention
     serves head sizes 32, 64, 80, ... only, and the shared fixture's are 8 wide."""
     config = TinyDoctorConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=3)
-    torch.manual_seed(0)
-    model = build_model(config, small_tokenizer)
-    directory = tmp_path_factory.mktemp("vllm-doctor")
-    model.save_pretrained(directory)
-    small_tokenizer.save_pretrained(directory)
-    return directory
+    return save_random_doctor(tmp_path_factory.mktemp("vllm-doctor"), small_tokenizer, config)
 
 
 @pytest.fixture(scope="module")
