@@ -10,7 +10,7 @@ EXTRAS ?= dev,cpu
 CONFIG ?= configs/tiny-cpu.yaml
 ARGS ?=
 
-.PHONY: install train test eval lint clean
+.PHONY: install train test eval bench lint clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -33,6 +33,10 @@ train: install
 
 eval: install
 	$(BIN)/grpodx eval --config $(CONFIG) $(ARGS)
+
+# The benchmark suite (about 10 minutes on 2 CPU cores; ARGS="--quick" for 1-2 minutes).
+bench: install
+	$(BIN)/grpodx bench --config $(CONFIG) $(ARGS)
 
 test: install
 	$(BIN)/ruff check .

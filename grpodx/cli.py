@@ -1,4 +1,4 @@
-"""Command line: ``grpodx train | eval | build-tiny``."""
+"""Command line: ``grpodx train | eval | build-tiny | bench``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,50 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _number_or_auto(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a number nor auto") from None
+
+
+def _job_args(
+    config_path: Path,
+    overrides: list[str] | None,
+    flags: dict[str, object],
+    load_checkpoint: str | None,
+    cfg: Config,
+) -> list[str]:
+    """The arguments of ``grpodx train`` inside the job: the same run, as the job's cwd sees it."""
+    from grpodx.submit import path_in_project, project_root
+
+    args = ["--config", path_in_project(config_path, project_root())]
+    if load_checkpoint:  # a path or URI on the cluster's storage, not checked here
+        args += ["--load-checkpoint", load_checkpoint]
+    args += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    args += list(overrides or [])
+    if cfg.ray.address:  # inside the job, RAY_ADDRESS names the cluster itself
+        args.append("ray.address=null")
+    return args
+
+
+def _submit_job(address: str, job_args: list[str], cfg: Config, api_key: str | None) -> int:
+    from grpodx.submit import submit_training
+
+    if "://" not in cfg.train.run_dir:
+        typer.secho(
+            f"warning: train.run_dir={cfg.train.run_dir} is a directory on the cluster's nodes, not on "
+            "this machine, and each node would write its own; set a storage URI every node shares, "
+            "e.g. train.run_dir=s3://<bucket>/grpodx-runs",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    # The key reaches the job only through its runtime env (see README, "Running on a cluster").
+    return submit_training(address, job_args, env_vars={"OPENAI_API_KEY": api_key} if api_key else None)
+
+
 @app.command()
 def train(
     config: ConfigOption = Path("configs/tiny-cpu.yaml"),
@@ -51,28 +95,49 @@ def train(
     num_generations: Annotated[
         int | None, typer.Option(help="episodes per group, G [config, default 4]")
     ] = None,
-    num_rollout_workers: Annotated[int | None, typer.Option(help="rollout worker actors [config]")] = None,
+    num_rollout_workers: Annotated[
+        str | None,
+        typer.Option(
+            help="rollout worker actors: a number, or auto (one per rollout node) [config]",
+            callback=_number_or_auto,
+        ),
+    ] = None,
+    submit: Annotated[
+        bool | None,
+        typer.Option(
+            "--submit/--no-submit",
+            help="run as a Ray job; default: when RAY_ADDRESS or ray.address is Ray's Jobs API, "
+            "http(s)://<head>:8265",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Train the doctor with GRPO on Ray (local unless RAY_ADDRESS or ray.address is set)."""
+    """Train the doctor with GRPO on Ray: locally, on the cluster at RAY_ADDRESS / ray.address, or as a
+    Ray job when that address is the Jobs API's (http://<head>:8265)."""
+    flags = {
+        "train.max_steps": max_steps,
+        "train.save_steps": save_steps,
+        "train.batch_size": batch_size,
+        "lora.rank": lora_rank,
+        "grpo.num_generations": num_generations,
+        "ray.num_rollout_workers": num_rollout_workers,
+    }
     try:
-        cfg = _load(
-            config,
-            overrides,
-            {
-                "train.max_steps": max_steps,
-                "train.save_steps": save_steps,
-                "train.batch_size": batch_size,
-                "lora.rank": lora_rank,
-                "grpo.num_generations": num_generations,
-                "ray.num_rollout_workers": num_rollout_workers,
-            },
-        )
+        cfg = _load(config, overrides, flags)
         api_key = openai_api_key or os.environ.get("OPENAI_API_KEY")
-        if "openai" in (cfg.patient.kind, cfg.judge.kind) and not api_key:
+        uses_api = "openai" in (cfg.patient.kind, cfg.judge.kind)
+        if uses_api and not api_key:
             raise ConfigError(
                 "the patient or judge uses an OpenAI-compatible API but no key was given; "
                 "pass --openai-api-key or set OPENAI_API_KEY"
             )
+        from grpodx.submit import decide_submit
+
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if decide_submit(address, submit):
+            job_args = _job_args(config, overrides, flags, load_checkpoint, cfg)
+            exit_code = _submit_job(address, job_args, cfg, api_key if uses_api else None)
+            raise typer.Exit(exit_code)
         from pydantic import SecretStr
 
         from grpodx.orchestrator import Orchestrator
@@ -135,6 +200,60 @@ def build_tiny(config: ConfigOption = Path("configs/tiny-cpu.yaml"), overrides: 
     from grpodx.models import doctor_source
 
     typer.echo(doctor_source(cfg))
+
+
+@app.command()
+def bench(
+    config: ConfigOption = Path("configs/tiny-cpu.yaml"),
+    overrides: Overrides = None,
+    quick: Annotated[bool, typer.Option("--quick", help="small sizes, 1 repeat (1-2 minutes)")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", hidden=True, help="the tests' smallest sizes")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="run only this benchmark (repeat, or a,b)")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(min=1, help="repeats per measurement [3; with --quick 1]")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/bench-<timestamp>)")] = None,
+    device: Annotated[str, typer.Option(help="learner benchmark device: cpu, or cuda for a GPU")] = "cpu",
+) -> None:
+    """Benchmark rollouts under API latency, weight push, rollout overhead and the learner."""
+    import time
+
+    from grpodx.bench import select
+    from grpodx.bench.core import BenchContext, invocation, run_suite
+
+    names = [name for item in only or [] for name in item.split(",") if name]
+    try:
+        benchmarks = select(names)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device}: use cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda needs a CUDA GPU and a CUDA build of torch; none is visible here")
+    run_dir = out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    try:
+        ctx = BenchContext(
+            config,
+            overrides or [],
+            scale="smoke" if smoke else "quick" if quick else "full",
+            repeats=repeats,
+            device=device,
+            out_dir=run_dir,
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"benchmark run directory: {run_dir}")
+    report = run_suite(benchmarks, ctx, invocation(), run_dir)
+    typer.echo(f"\nwrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'} ({report['duration_s']:.0f} s)")
+    if report["failed"]:
+        _fail(f"benchmark(s) failed: {', '.join(report['failed'])} (see {run_dir / 'bench.json'})")
 
 
 def main() -> None:

@@ -168,13 +168,28 @@ class TrainConfig(_Section):
     eval_temperature: float = Field(0.0, ge=0.0)
     # How many versions behind the learner a group may start (0 = strictly on-policy).
     max_staleness: int = Field(0, ge=0)
+    # Later turns of an episode sample from the newest adapter the worker serves by then (only matters
+    # when max_staleness > 0: on-policy, no version can arrive while a group runs).
+    refresh_version_per_turn: bool = True
     run_dir: str = "runs"
     run_name: str | None = None
 
 
 class RayConfig(_Section):
     address: str | None = None
-    num_rollout_workers: int = Field(2, ge=1)
+    # A fixed count, or "auto": one worker per `rollout_resources` bundle the cluster offers, following
+    # rollout nodes as they join and leave during the run.
+    num_rollout_workers: int | Literal["auto"] = 2
+    # Custom resources each actor requests (e.g. {"rollout": 1}); the cluster's node types carry them
+    # (see cluster/config.yaml), so every actor lands on its node type.
+    rollout_resources: dict[str, float] = Field(default_factory=dict)
+    learner_resources: dict[str, float] = Field(default_factory=dict)
+    # Ask the autoscaler for this many rollout bundles at start (0 = only use what the cluster has).
+    request_rollout_workers: int = Field(0, ge=0)
+    # How often "auto" looks for rollout nodes that joined or left.
+    rescale_interval_s: float = Field(2.0, gt=0.0)
+    # How long the run waits for rollout workers to start (at launch, or after all were lost).
+    worker_start_timeout_s: float = Field(600.0, gt=0.0)
     episodes_per_worker: int = Field(64, ge=1)
     learner_num_gpus: float = Field(0.0, ge=0.0)
     rollout_num_gpus: float = Field(0.0, ge=0.0)
@@ -203,6 +218,11 @@ class Config(_Section):
     def _check_consistency(self) -> Config:
         if self.model.name == "tiny" and self.engine.kind == "vllm" and self.model.dtype != "float32":
             raise ValueError("the tiny doctor runs in float32; set model.dtype=float32")
+        if self.ray.num_rollout_workers == "auto" and not self.ray.rollout_resources:
+            raise ValueError(
+                "ray.num_rollout_workers=auto counts the cluster's rollout resources; set "
+                "ray.rollout_resources (e.g. {rollout: 1}) or give a number of workers"
+            )
         if self.engine.kind == "vllm" and self.episode.sampling.top_p < 1.0:
             raise ValueError(
                 "engine.kind=vllm records logprobs after top-p, not the ones the learner scores; "

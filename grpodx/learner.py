@@ -68,13 +68,28 @@ class Learner:
             lr_lambda(config.grpo.lr_schedule, config.grpo.warmup_steps, config.train.max_steps),
         )
         self.version = 0
+        self._pending = self._new_pending()
         temperature = config.episode.sampling.temperature
         # The engine records logprobs of the temperature-scaled distribution; score the same one.
         self.temperature = temperature if temperature > 0 else 1.0
 
     # ---- the update -----------------------------------------------------------------------------
     def train_step(self, batches: list[pa.RecordBatch] | pa.Table) -> dict[str, float]:
+        """One GRPO step on a whole batch: :meth:`accumulate` it, then :meth:`step`."""
+        self.accumulate(batches)
+        return self.step()
+
+    def accumulate(self, batches: list[pa.RecordBatch] | pa.Table | pa.RecordBatch) -> dict[str, float]:
+        """Add the gradient of whole groups to the pending step; groups may arrive one at a time.
+
+        Advantages are per group, so a group needs nothing from the rest of its batch. The loss is a sum
+        over tokens here; :meth:`step` divides the accumulated gradient by the batch's total (doctor
+        tokens for token-mean, episodes for sequence-mean), which is exactly the gradient of the batch
+        mean, whatever order and grouping the groups came in.
+        """
         started = time.perf_counter()
+        if isinstance(batches, pa.RecordBatch):
+            batches = [batches]
         table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(batches)
         columns = table.select(
             ["group_id", "reward", "valid", "token_ids", "loss_mask", "behaviour_logprobs"]
@@ -82,27 +97,50 @@ class Learner:
         rows = columns.to_pylist()
         advantages, group_stats = self._advantages(rows)
         use_kl = self.config.grpo.kl_coef > 0
-        selected = [i for i, a in enumerate(advantages) if a is not None and (a != 0.0 or use_kl)]
-        num_tokens = sum(sum(rows[i]["loss_mask"]) for i in selected)
+        trained = [i for i, a in enumerate(advantages) if a is not None]
+        # A zero-advantage episode adds nothing to the policy gradient, so it is not computed, but its
+        # tokens still count in the batch's mean, as they would in a batch computed whole.
+        selected = [i for i in trained if advantages[i] != 0.0 or use_kl]
+        counts = [sum(rows[i]["loss_mask"]) for i in selected]
+        pending = self._pending
+        pending["tokens"] += sum(sum(rows[i]["loss_mask"]) for i in trained)
+        pending["sequences"] += len(trained)
+        pending["sequences_computed"] += len(selected)
         if self.config.grpo.loss_aggregation == "sequence-mean" and selected:
-            counts = torch.tensor([sum(rows[i]["loss_mask"]) for i in selected])
-            scaled = grpo.sequence_mean_advantages(torch.tensor([advantages[i] for i in selected]), counts)
+            # A / L_i per token: every episode weighs the same once step() divides by the episode count.
+            scaled = grpo.sequence_mean_advantages(
+                torch.tensor([advantages[i] for i in selected]), torch.tensor(counts)
+            )
+            total = max(1, sum(counts))
             for i, value in zip(selected, scaled.tolist(), strict=True):
-                advantages[i] = value
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = defaultdict(float)
-        ratio_max = 0.0
+                advantages[i] = value * len(selected) / total
+        if not self.model.training:
+            self.model.train()
         lengths = [len(rows[i]["token_ids"]) for i in selected]
         for micro in grpo.micro_batches(lengths, self.config.grpo.token_budget):
             members = [selected[j] for j in micro]
-            stats = self._accumulate([rows[i] for i in members], [advantages[i] for i in members], num_tokens)
-            ratio_max = max(ratio_max, stats.pop("ratio_max"))
+            stats = self._backward([rows[i] for i in members], [advantages[i] for i in members])
+            pending["ratio_max"] = max(pending["ratio_max"], stats.pop("ratio_max"))
             for key, value in stats.items():
-                totals[key] += value
+                pending[key] += value
+        for key, value in group_stats.items():
+            pending[key] += value
+        seconds = time.perf_counter() - started
+        pending["seconds"] += seconds
+        return {"learner/accumulate_seconds": seconds, "learner/pending_sequences": pending["sequences"]}
+
+    def step(self) -> dict[str, float]:
+        """Apply the accumulated gradient as one optimizer step; the adapter becomes version N+1."""
+        started = time.perf_counter()
+        pending, self._pending = self._pending, self._new_pending()
+        sequence_mean = self.config.grpo.loss_aggregation == "sequence-mean"
+        denominator = pending["sequences"] if sequence_mean else pending["tokens"]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = 0.0
-        if selected and num_tokens > 0:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if denominator > 0:
+            for parameter in trainable:
+                if parameter.grad is not None:
+                    parameter.grad.div_(denominator)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, self.config.grpo.max_grad_norm))
         # Without gradients (every group tied) AdamW skips every parameter; stepping anyway keeps the
         # schedule counting training steps.
@@ -111,21 +149,29 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         self.version += 1
-        micro_count = max(1.0, totals.pop("micro_batches", 1.0))
+        micro_count = max(1.0, pending["micro_batches"])
+        norm = max(1.0, denominator)
         return {
-            "learner/loss": totals["loss"],
-            "learner/kl": totals["kl"],
+            "learner/loss": pending["loss"] / norm,
+            "learner/kl": pending["kl"] / norm,
             "learner/grad_norm": grad_norm,
             "learner/lr": self.scheduler.get_last_lr()[0],
-            "learner/clip_fraction": totals["clip_fraction"] / micro_count,
-            "learner/ratio_mean": totals["ratio_mean"] / micro_count,
-            "learner/ratio_max": ratio_max,
-            "learner/masked_by_cap": totals["masked_by_cap"],
-            "learner/tokens": float(num_tokens),
-            "learner/sequences": float(len(selected)),
-            "learner/seconds": time.perf_counter() - started,
-            **group_stats,
+            "learner/clip_fraction": pending["clip_fraction"] / micro_count,
+            "learner/ratio_mean": pending["ratio_mean"] / micro_count,
+            "learner/ratio_max": pending["ratio_max"],
+            "learner/masked_by_cap": pending["masked_by_cap"],
+            "learner/tokens": float(pending["tokens"]),
+            "learner/sequences": float(pending["sequences"]),
+            "learner/sequences_computed": float(pending["sequences_computed"]),
+            "learner/seconds": pending["seconds"] + time.perf_counter() - started,
+            "groups/total": pending["groups/total"],
+            "groups/zero_advantage": pending["groups/zero_advantage"],
+            "groups/trained": pending["groups/trained"],
         }
+
+    @staticmethod
+    def _new_pending() -> defaultdict[str, float]:
+        return defaultdict(float)
 
     def _advantages(self, rows: list[dict]) -> tuple[list[float | None], dict[str, float]]:
         """Advantage per row (None for rows excluded: failed episodes, groups with < 2 valid)."""
@@ -156,7 +202,8 @@ class Learner:
             "groups/trained": float(len([m for m in groups.values() if len(m) >= 2]) - zero_groups),
         }
 
-    def _accumulate(self, rows: list[dict], advantages: list[float], num_tokens: int) -> dict[str, float]:
+    def _backward(self, rows: list[dict], advantages: list[float]) -> dict[str, float]:
+        """Backpropagate the summed (not yet normalised) loss of one micro-batch."""
         width = max(len(r["token_ids"]) for r in rows)
         pad = 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -183,7 +230,7 @@ class Learner:
             loss_mask,
             clip_low=self.config.grpo.clip_low,
             clip_high=self.config.grpo.clip_high,
-            num_tokens=num_tokens,
+            num_tokens=1,
             ratio_cap=self.config.grpo.ratio_cap,
         )
         kl_value = 0.0
@@ -192,7 +239,16 @@ class Learner:
                 ref_logits = self.model(input_ids=input_ids, attention_mask=attention).logits
                 ref_logprobs = grpo.sequence_logprobs(ref_logits, input_ids, self.temperature)
                 del ref_logits
-            kl = grpo.kl_penalty(logprobs, ref_logprobs, loss_mask, num_tokens=num_tokens)
+            if self.config.grpo.loss_aggregation == "sequence-mean":
+                # Each episode's mean KL, summed; step() divides by the episode count.
+                kl = sum(
+                    grpo.kl_penalty(
+                        logprobs[i : i + 1], ref_logprobs[i : i + 1], loss_mask[i : i + 1], num_tokens=None
+                    )
+                    for i in range(len(rows))
+                )
+            else:
+                kl = grpo.kl_penalty(logprobs, ref_logprobs, loss_mask, num_tokens=1)
             loss = loss + self.config.grpo.kl_coef * kl
             kl_value = float(kl.detach())
         loss.backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -21,7 +22,14 @@ _PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
 
 
 def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
-    """A saved adapter (peft ``save_pretrained`` layout) as in-memory weights."""
+    """A saved adapter (peft ``save_pretrained`` layout) as in-memory weights; ``checkpoint`` may be a
+    local directory or a URI of the run storage (s3://..., file://...)."""
+    if "://" in str(checkpoint):
+        from grpodx.storage import RunStorage
+
+        with tempfile.TemporaryDirectory(prefix="grpodx-adapter-") as tmp:
+            RunStorage(str(checkpoint)).download_dir("", tmp)
+            return read_adapter(tmp, version)
     from peft.utils import load_peft_weights
 
     directory = Path(checkpoint)

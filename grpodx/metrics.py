@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from grpodx.storage import RunStorage, as_storage
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def rollout_metrics(table: pa.Table) -> dict[str, float]:
@@ -50,15 +56,30 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """One JSON line per step in ``metrics.jsonl`` and the same scalars as TensorBoard events."""
+    """One JSON line per step in ``metrics.jsonl`` and the same scalars as TensorBoard events.
 
-    def __init__(self, run_dir: str | Path):
+    Both formats append to a local file. On local storage they are written in place and ``sync()``
+    only flushes. On any other storage they are written to a local mirror (a temporary directory)
+    and ``sync()`` and ``close()`` copy what changed since the last sync to the storage:
+    ``metrics.jsonl`` as one object, ``tensorboard/`` file by file. A ``metrics.jsonl`` already in
+    the storage is downloaded first, so a resumed run appends to it as it does locally.
+    """
+
+    def __init__(self, run_dir: RunStorage | str | Path):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.storage = as_storage(run_dir)
+        remote = not self.storage.is_local
+        self._mirror = tempfile.TemporaryDirectory(prefix="grpodx-metrics-") if remote else None
+        local_dir = self.storage.local_path if self._mirror is None else Path(self._mirror.name)
+        self.path = local_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._mirror is not None and self.storage.exists(METRICS_FILE):
+            self.path.write_bytes(self.storage.read_bytes(METRICS_FILE))
         self._file = self.path.open("a")
-        self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self._tb = SummaryWriter(log_dir=str(local_dir / TENSORBOARD_DIR))
+        self._synced: dict[str, tuple[int, int]] = {}  # mirror file -> (size, mtime_ns) last uploaded
+        self._closed = False
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
@@ -69,6 +90,28 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
 
+    def sync(self) -> None:
+        """Flush, and on remote storage upload every mirror file that changed since the last sync."""
+        if not self._closed:
+            self._file.flush()
+            self._tb.flush()
+        if self._mirror is None:
+            return
+        mirror = Path(self._mirror.name)
+        for path in sorted(p for p in mirror.rglob("*") if p.is_file()):
+            rel = path.relative_to(mirror).as_posix()
+            stat = path.stat()
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self._synced.get(rel) != signature:
+                self.storage.write_bytes(rel, path.read_bytes())
+                self._synced[rel] = signature
+
     def close(self) -> None:
+        if self._closed:
+            return
         self._file.close()
         self._tb.close()
+        self._closed = True
+        self.sync()
+        if self._mirror is not None:
+            self._mirror.cleanup()

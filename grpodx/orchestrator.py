@@ -1,19 +1,22 @@
 """The training loop: actors, scheduling, weight sync, checkpoints, metrics.
 
-One step:
-  1. draw ``batch_size`` cases; each becomes a group of ``num_generations`` episodes on the current
-     adapter version, spread over the rollout workers;
-  2. the workers return Arrow record batches; they go to Parquet and to the learner;
-  3. the learner makes one GRPO update and publishes its adapter once to the object store;
-  4. every rollout worker loads it as version N+1 before the next step starts (on-policy).
+The loop streams. Groups (one case, G episodes) are dispatched to rollout workers as soon as the
+staleness gate (:mod:`grpodx.staleness`) admits them and a worker has room; each finished group goes
+straight to the learner, which accumulates its gradient; when every group of batch ``s`` is in, the
+learner steps, publishes its adapter once (``ray.put``) and every rollout worker loads it as version
+``s + 1``. With ``train.max_staleness = 0`` this is the synchronous on-policy loop; with ``k > 0`` the
+workers generate up to ``k`` batches ahead while the learner trains. Groups whose worker dies are
+re-dispatched, and none is trained twice (:mod:`grpodx.batches`); ``ray.num_rollout_workers: auto``
+follows rollout nodes that join and leave (:mod:`grpodx.worker_pool`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,34 +25,51 @@ import ray
 from pydantic import SecretStr
 from tqdm import tqdm
 
+from grpodx.batches import BatchBook
 from grpodx.config import Config, ConfigError, dump_config
 from grpodx.data.sink import ParquetSink
+from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.evaluation import format_summary, summarize
 from grpodx.medical.cases import CaseSampler, eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.metrics import MetricsLogger, rollout_metrics
 from grpodx.models import doctor_source
 from grpodx.rollout import Scenario
+from grpodx.staleness import StalenessGate
+from grpodx.storage import RunStorage
+from grpodx.worker_pool import WORKER_LOST_ERRORS, RolloutPool, WorkerSlot, rollout_bundle
 
 CHECKPOINT_STATE = "orchestrator.json"
 
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path | str
     steps: int
     eval_before: dict | None
     eval_after: dict | None
 
 
-def new_run_dir(config: Config) -> Path:
+def new_run_dir(config: Config) -> RunStorage:
+    """A fresh run directory under ``train.run_dir`` (a local path or a URI such as s3://bucket/runs)."""
+    root = RunStorage(config.train.run_dir)
     name = config.train.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.train.run_dir) / name
-    suffix = 1
-    while run_dir.exists():
-        run_dir = Path(config.train.run_dir) / f"{name}-{suffix}"
-        suffix += 1
-    return run_dir
+    candidate, suffix = name, 1
+    while root.exists(candidate):
+        candidate, suffix = f"{name}-{suffix}", suffix + 1
+    return root.child(candidate)
+
+
+def checkpoint_location(checkpoint: str) -> tuple[RunStorage, str]:
+    """``<run>/checkpoints/step-N`` (a path or URI) as (the run's storage, the path below it)."""
+    text = str(checkpoint).rstrip("/")
+    if "://" in text:
+        parts = text.rsplit("/", 2)
+        run_root, rel = parts[0], "/".join(parts[1:])
+    else:
+        path = Path(text).resolve()
+        run_root, rel = str(path.parents[1]), f"{path.parent.name}/{path.name}"
+    return RunStorage(run_root), rel
 
 
 def init_ray(config: Config) -> None:
@@ -59,10 +79,13 @@ def init_ray(config: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    needed = config.ray.num_rollout_workers * config.ray.rollout_num_cpus + config.ray.learner_num_cpus + 1
+    workers = 1 if config.ray.num_rollout_workers == "auto" else config.ray.num_rollout_workers
+    needed = workers * config.ray.rollout_num_cpus + config.ray.learner_num_cpus + 1
     # Logical CPUs only schedule actors; the tiny run's actors mostly wait on each other, so a local
-    # run may declare more than the machine has.
+    # run may declare more than the machine has. address="local": a cluster of our own, never the
+    # last one `ray start` left on this machine (which ray.init would otherwise join).
     ray.init(
+        address="local",
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=config.ray.dashboard,
         log_to_driver=True,
@@ -78,24 +101,33 @@ class Orchestrator:
         load_checkpoint: str | None = None,
         progress: bool = True,
         api_key: SecretStr | None = None,
+        on_step_end: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.config = config
         self.progress = progress
         self._api_key = api_key
+        # Called after every step with (step, metrics); tests use it to change the cluster mid-run.
+        self._on_step_end = on_step_end
         self.kb = load_knowledge_base()
         self.sampler = CaseSampler(self.kb, "train", config.train.seed)
         self.step = 0
-        self.checkpoint = Path(load_checkpoint) if load_checkpoint else None
-        if self.checkpoint is not None:
-            if not (self.checkpoint / CHECKPOINT_STATE).is_file():
+        self.checkpoint: str | None = None
+        if load_checkpoint:
+            self.storage, self.checkpoint = checkpoint_location(load_checkpoint)
+            complete = self.storage.exists(f"{self.checkpoint}/{CHECKPOINT_STATE}") and (
+                self.storage.is_local or self.storage.is_complete_dir(self.checkpoint)
+            )
+            if not complete:
                 raise ConfigError(
-                    f"--load-checkpoint {self.checkpoint}: no {CHECKPOINT_STATE} there; "
+                    f"--load-checkpoint {load_checkpoint}: no complete checkpoint there; "
                     "pass a directory such as runs/<run>/checkpoints/step-000100"
                 )
-            self.run_dir = self.checkpoint.parents[1]
         else:
-            self.run_dir = new_run_dir(config)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.storage = new_run_dir(config)
+        self.storage.makedirs()
+        self.gate = StalenessGate(config.train.max_staleness, config.train.batch_size)
+        self.published_version = 0
+        self._adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # newest (version, adapter ref)
 
     # ---- setup ----------------------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -108,19 +140,44 @@ class Orchestrator:
         self.model_source = doctor_source(config, progress=self.progress)
         self.patient_worker, self.judge_worker = start_sim_workers(config, self._api_key)
         self.learner = LearnerActor.options(
-            num_cpus=config.ray.learner_num_cpus, num_gpus=config.ray.learner_num_gpus
+            num_cpus=config.ray.learner_num_cpus,
+            num_gpus=config.ray.learner_num_gpus,
+            resources=config.ray.learner_resources or None,
         ).remote(config, self.model_source)
-        self.workers = [
-            RolloutActor.options(
-                num_cpus=config.ray.rollout_num_cpus, num_gpus=config.ray.rollout_num_gpus
-            ).remote(f"rollout-{i}", config, self.model_source, self.patient_worker, self.judge_worker)
-            for i in range(config.ray.num_rollout_workers)
-        ]
-        ray.get([w.adapter_versions.remote() for w in self.workers] + [self.learner.version.remote()])
+        rollout_options = {
+            "num_cpus": config.ray.rollout_num_cpus,
+            "num_gpus": config.ray.rollout_num_gpus,
+            "resources": config.ray.rollout_resources or None,
+        }
+        source, patient, judge = self.model_source, self.patient_worker, self.judge_worker
+
+        def make_worker(worker_id: str):
+            return RolloutActor.options(**rollout_options).remote(worker_id, config, source, patient, judge)
+
+        self.pool = RolloutPool(config, make_worker)
+        if config.ray.request_rollout_workers:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[rollout_bundle(config)] * config.ray.request_rollout_workers)
+        ray.get(self.learner.version.remote())
+
+    async def _start_workers(self) -> None:
+        wanted = self.config.ray.num_rollout_workers
+        count = 1 if wanted == "auto" else int(wanted)
+        await self.pool.wait_ready(count, self.config.ray.worker_start_timeout_s, self._on_worker_ready)
+
+    async def _on_worker_ready(self, slot: WorkerSlot) -> None:
+        """A new worker serves the newest adapter before it takes a group."""
+        while True:
+            version, adapter_ref = self._adapter
+            if adapter_ref is not None:
+                await slot.handle.load_adapter.remote(adapter_ref)
+            if self._adapter[0] == version:
+                return
 
     def _restore(self) -> None:
-        state = json.loads((self.checkpoint / CHECKPOINT_STATE).read_text())
-        version = ray.get(self.learner.load.remote(str(self.checkpoint)))
+        state = json.loads(self.storage.read_text(f"{self.checkpoint}/{CHECKPOINT_STATE}"))
+        version = ray.get(self.learner.load_checkpoint.remote(self.storage, self.checkpoint))
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         if version != self.step:
@@ -128,76 +185,249 @@ class Orchestrator:
                 f"checkpoint {self.checkpoint} holds adapter version {version} at step {self.step}"
             )
         if version > 0:
-            self._push_adapter()
+            self._adapter = (version, ray.get(self.learner.publish.remote()))
+        self.published_version = version
+
+    # ---- scheduling -----------------------------------------------------------------------------
+    def _scenario(self, ticket: int) -> Scenario:
+        config = self.config
+        batch = self.gate.batch_of(ticket)
+        index = ticket - batch * config.train.batch_size
+        return Scenario(
+            step=batch + 1,
+            group_id=f"s{batch + 1:06d}-g{index:03d}",
+            case=self.sampler.case_at(self._case_base + ticket - self._ticket_base),
+            num_generations=config.grpo.num_generations,
+            adapter_version=self.published_version,
+            seed=config.train.seed,
+        )
+
+    def _dispatch(self) -> None:
+        """Start every group the staleness gate admits while a ready worker has room."""
+        last_ticket = self.config.train.max_steps * self.config.train.batch_size
+        while True:
+            slot = self.pool.pick()
+            if slot is None:
+                return
+            ticket = self.book.next_retry()
+            if ticket is None:
+                ticket = self.book.next_ticket
+                if ticket >= last_ticket or not self.gate.may_start(ticket, self.published_version):
+                    return
+                self.book.on_new_ticket()
+            scenario = self._scenario(ticket)
+            self.book.on_group_dispatched(ticket, slot.worker_id)
+            slot.groups_in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run_group(slot, ticket, scenario))
+            self._in_flight[task] = ticket
+
+    async def _run_group(self, slot: WorkerSlot, ticket: int, scenario: Scenario):
+        try:
+            batch = await slot.handle.run_group.remote(scenario)
+        except WORKER_LOST_ERRORS as exc:
+            return "lost", ticket, slot.worker_id, exc
+        finally:
+            slot.groups_in_flight -= 1
+        slot.groups_done += 1
+        return "finished", ticket, slot.worker_id, batch
+
+    def _on_group_done(self, outcome: tuple) -> None:
+        kind, ticket, worker_id, payload = outcome
+        if kind == "lost":
+            self._log(f"rollout worker {worker_id} is gone ({type(payload).__name__}); re-dispatching")
+            self.pool.on_worker_lost(worker_id)
+            self.book.on_group_failed(ticket)
+            return
+        if self.book.on_group_finished(ticket, payload) and self.gate.batch_of(ticket) == self._accumulating:
+            self._send_to_learner(self._accumulating)
+
+    def _send_to_learner(self, batch: int) -> None:
+        for _, record_batch in self.book.hand_over(batch):
+            self._accumulate_refs.append(self.learner.accumulate.remote(record_batch))
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _push_adapter(self) -> float:
-        started = time.perf_counter()
-        adapter_ref = ray.get(self.learner.publish.remote())
-        versions = ray.get([w.load_adapter.remote(adapter_ref) for w in self.workers])
-        expected = ray.get(self.learner.version.remote())
-        if any(v != expected for v in versions):
-            raise RuntimeError(
-                f"adapter push failed: workers serve versions {versions}, learner is at {expected}"
-            )
-        return time.perf_counter() - started
-
-    def _scenarios(self, version: int) -> list[Scenario]:
+    async def _train_loop(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
         config = self.config
-        return [
-            Scenario(
-                step=self.step,
-                group_id=f"s{self.step:06d}-g{index:03d}",
-                case=self.sampler.sample(),
-                num_generations=config.grpo.num_generations,
-                adapter_version=version,
-                seed=config.train.seed,
+        self.book = BatchBook(config.train.batch_size, self.step * config.train.batch_size)
+        self._ticket_base, self._case_base = self.book.first_ticket, self.sampler.position
+        self._in_flight: dict[asyncio.Task, int] = {}
+        self._accumulating = self.step
+        self._accumulate_refs: list[ray.ObjectRef] = []
+        self._no_worker_since: float | None = None
+        step_task: asyncio.Task | None = None
+        self._mark = (time.perf_counter(), await self._busy_seconds())
+        while self.step < config.train.max_steps or step_task is not None:
+            self.pool.rescale(self._on_worker_ready)
+            self._dispatch()
+            batch_complete = self.step < config.train.max_steps and self.book.is_batch_complete(
+                self._accumulating
             )
-            for index in range(config.train.batch_size)
-        ]
+            if step_task is None and batch_complete:
+                step_task = asyncio.get_running_loop().create_task(self._finish_step(sink, logger, bar))
+                continue
+            waiting = set(self._in_flight) | ({step_task} if step_task else set())
+            self._check_workers_alive()
+            if not waiting:
+                await asyncio.sleep(0.05)
+                continue
+            done, _ = await asyncio.wait(
+                waiting, timeout=config.ray.rescale_interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is step_task:
+                    step_task = None
+                    task.result()  # re-raise a failed step here
+                    continue
+                self._in_flight.pop(task)
+                self._on_group_done(task.result())
+        for task in self._in_flight:
+            task.cancel()
 
-    def _rollout(self, scenarios: list[Scenario]) -> pa.Table:
-        workers = self.workers
-        chunks = [scenarios[i :: len(workers)] for i in range(len(workers))]
-        refs = [w.run_groups.remote(chunk) for w, chunk in zip(workers, chunks, strict=True) if chunk]
-        return pa.Table.from_batches(ray.get(refs))
+    def _check_workers_alive(self) -> None:
+        """Stop with a clear error when no rollout worker has been ready for too long."""
+        if self.pool.ready_slots():
+            self._no_worker_since = None
+            return
+        if self._no_worker_since is None:
+            self._no_worker_since = time.monotonic()
+        if time.monotonic() - self._no_worker_since > self.config.ray.worker_start_timeout_s:
+            raise RuntimeError(
+                f"no rollout worker has been ready for {self.config.ray.worker_start_timeout_s:.0f} s; "
+                f"the cluster offers no {rollout_bundle(self.config)} bundle"
+            )
 
-    def evaluate(self, count: int) -> dict:
+    async def _finish_step(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
+        """Batch ``self._accumulating`` is complete: step, publish, push, log, checkpoint."""
+        config, batch = self.config, self._accumulating
+        self._send_to_learner(batch)
+        accumulated = await asyncio.gather(*self._accumulate_refs)
+        step_ref = self.learner.step.remote()
+        # Groups of the next batch may now go to the learner: its calls run in the order sent.
+        self._accumulate_refs, self._accumulating = [], batch + 1
+        self._send_to_learner(batch + 1)
+        learner_metrics = await step_ref
+        push_started = time.perf_counter()
+        version = batch + 1
+        adapter_ref = await self.learner.publish.remote()
+        self._adapter = (version, adapter_ref)
+        await self._push(adapter_ref, version)
+        self.published_version = version
+        push_s = time.perf_counter() - push_started
+        self.step = version
+
+        records = [self.book.tickets.get(t) for t in self.book.batch_tickets(batch)]
+        finished = [r.result for r in records if r is not None and r.finished]
+        table = pa.Table.from_batches(finished, schema=TRAJECTORY_SCHEMA)
+        lost = len(self.book.lost_in(batch))
+        self.book.forget(batch)
+        sink.write(self.step, table)
+        metrics = rollout_metrics(table)
+        metrics.update(learner_metrics)
+        metrics.update(staleness_metrics(table, trained_by=batch, max_staleness=config.train.max_staleness))
+        metrics.update(await self._api_usage())
+        metrics.update(await self._timing_metrics(accumulated, learner_metrics, push_s))
+        metrics.update(
+            {
+                "policy/version": float(self.step),
+                "groups/lost": float(lost),
+                "groups/retried_total": float(self.book.retried),
+                "groups/duplicates_total": float(self.book.duplicates),
+                "workers/ready": float(len(self.pool.ready_slots())),
+                "workers/desired": float(self.pool.desired_count()),
+            }
+        )
+        logger.log(self.step, metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+        if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
+            await self._save_checkpoint(logger)
+        if config.train.eval_every and self.step % config.train.eval_every == 0:
+            summary = await self.evaluate(config.train.eval_cases)
+            logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
+        if self._on_step_end is not None:
+            self._on_step_end(self.step, metrics)
+
+    async def _push(self, adapter_ref: ray.ObjectRef, version: int) -> None:
+        slots = self.pool.ready_slots()
+        results = await asyncio.gather(
+            *(slot.handle.load_adapter.remote(adapter_ref) for slot in slots), return_exceptions=True
+        )
+        for slot, result in zip(slots, results, strict=True):
+            if isinstance(result, WORKER_LOST_ERRORS):
+                self.pool.on_worker_lost(slot.worker_id)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result != version:
+                raise RuntimeError(
+                    f"adapter push failed: {slot.worker_id} serves version {result}, learner is at {version}"
+                )
+
+    async def _busy_seconds(self) -> dict[str, float]:
+        slots = self.pool.ready_slots()
+        calls = [slot.handle.busy_seconds.remote() for slot in slots]
+        values = await asyncio.gather(*calls, return_exceptions=True)
+        return {s.worker_id: v for s, v in zip(slots, values, strict=True) if isinstance(v, float)}
+
+    async def _timing_metrics(self, accumulated: list[dict], learner_metrics: dict, push_s: float) -> dict:
+        """Wall time of the step and the idle shares of the learner and of the generators."""
+        now, busy = time.perf_counter(), await self._busy_seconds()
+        then, busy_before = self._mark
+        self._mark = (now, busy)
+        wall = max(1e-9, now - then)
+        learner_busy = learner_metrics["learner/seconds"]
+        deltas = [busy[w] - busy_before[w] for w in busy if w in busy_before]
+        generator_idle = 1.0 - sum(deltas) / (wall * len(deltas)) if deltas else float("nan")
+        return {
+            "time/step": wall,
+            "time/learner": learner_busy,
+            "time/weight_push": push_s,
+            "time/learner_idle_share": max(0.0, 1.0 - learner_busy / wall),
+            "time/generator_idle_share": max(0.0, generator_idle),
+        }
+
+    async def evaluate(self, count: int) -> dict:
         cases = eval_cases(self.kb, count)
-        workers = self.workers
-        refs = [
-            w.evaluate.remote(cases[i :: len(workers)], None, self.config.train.eval_temperature)
-            for i, w in enumerate(workers)
-            if cases[i :: len(workers)]
-        ]
-        episodes = [e for part in ray.get(refs) for e in part]
+        slots = self.pool.ready_slots()
+        parts = await asyncio.gather(
+            *(
+                slot.handle.evaluate.remote(cases[i :: len(slots)], None, self.config.train.eval_temperature)
+                for i, slot in enumerate(slots)
+                if cases[i :: len(slots)]
+            )
+        )
+        episodes = [e for part in parts for e in part]
         return summarize(episodes, num_conditions=len(self.kb.conditions))
 
-    def _save_checkpoint(self) -> Path:
-        directory = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
-        staging = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        ray.get(self.learner.save.remote(str(staging)))
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "adapter_version": self.step}
-        (staging / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
-        return directory
+    async def _save_checkpoint(self, logger: MetricsLogger) -> str:
+        rel = f"checkpoints/step-{self.step:06d}"
+        # The next run starts at the first group of batch `step`: its case is this sampler position.
+        position = self._case_base + self.step * self.config.train.batch_size - self._ticket_base
+        sampler = {**self.sampler.state_dict(), "position": position}
+        state = {"step": self.step, "sampler": sampler, "adapter_version": self.step}
+        # The learner writes the checkpoint where it runs, straight to the run's storage.
+        files = {CHECKPOINT_STATE: json.dumps(state, indent=2)}
+        await self.learner.save_checkpoint.remote(self.storage, rel, files)
+        logger.sync()
+        return rel
 
     def train(self) -> TrainResult:
+        return asyncio.run(self._train())
+
+    async def _train(self) -> TrainResult:
         config = self.config
         init_ray(config)
-        (self.run_dir / "config.yaml").write_text(dump_config(config))
-        self._log(f"run directory: {self.run_dir}")
+        self.storage.write_text("config.yaml", dump_config(config))
+        self._log(f"run directory: {self.storage.display()}")
         self._start_actors()
         if self.checkpoint is not None:
             self._restore()
             self._log(f"resumed from {self.checkpoint} at step {self.step}")
-        sink = ParquetSink(self.run_dir)
-        logger = MetricsLogger(self.run_dir)
+        await self._start_workers()
+        sink = ParquetSink(self.storage)
+        logger = MetricsLogger(self.storage)
         eval_before = None
         if config.train.eval_cases and self.step == 0:
-            eval_before = self.evaluate(config.train.eval_cases)
+            eval_before = await self.evaluate(config.train.eval_cases)
             logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
             self._log(format_summary(eval_before, "before training"))
         bar = tqdm(
@@ -208,59 +438,35 @@ class Orchestrator:
             disable=not self.progress,
         )
         try:
-            while self.step < config.train.max_steps:
-                metrics = self._train_one_step(sink)
-                logger.log(self.step, metrics)
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
-                )
-                if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
-                    self._save_checkpoint()
-                if config.train.eval_every and self.step % config.train.eval_every == 0:
-                    summary = self.evaluate(config.train.eval_cases)
-                    logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
+            await self._train_loop(sink, logger, bar)
         finally:
             bar.close()
         eval_after = None
         if config.train.eval_cases:
-            eval_after = self.evaluate(config.train.eval_cases)
+            eval_after = await self.evaluate(config.train.eval_cases)
             logger.log(self.step, {f"eval/{k}": v for k, v in eval_after.items()})
             self._log(format_summary(eval_after, "after training"))
         logger.close()
         result = {"steps": self.step, "eval_before": eval_before, "eval_after": eval_after}
-        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-        self._log(f"run directory: {self.run_dir}")
+        self.storage.write_text("summary.json", json.dumps(result, indent=2))
+        self._log(f"run directory: {self.storage.display()}")
         return TrainResult(self.run_dir, self.step, eval_before, eval_after)
 
-    def _train_one_step(self, sink: ParquetSink) -> dict[str, float]:
-        started = time.perf_counter()
-        version = self.step  # on-policy: the workers serve the adapter of the last step
-        scenarios = self._scenarios(version)
-        table = self._rollout(scenarios)
-        rollout_s = time.perf_counter() - started
-        sink.write(self.step + 1, table)
-        learner_metrics = ray.get(self.learner.train_step.remote(*table.to_batches()))
-        self.step += 1
-        push_s = self._push_adapter()
-        metrics = rollout_metrics(table)
-        metrics.update(learner_metrics)
-        metrics.update(self._api_usage())
-        metrics.update(
-            {
-                "time/rollout": rollout_s,
-                "time/weight_push": push_s,
-                "time/step": time.perf_counter() - started,
-                "policy/version": float(self.step),
-            }
-        )
-        return metrics
+    @property
+    def workers(self) -> list:
+        """Handles of the rollout workers (ready or starting)."""
+        return [slot.handle for slot in self.pool.slots.values()] if hasattr(self, "pool") else []
 
-    def _api_usage(self) -> dict[str, float]:
+    @property
+    def run_dir(self) -> Path | str:
+        """The run directory: a Path when local, else its (credential-free) URI."""
+        return self.storage.local_path if self.storage.is_local else self.storage.display()
+
+    async def _api_usage(self) -> dict[str, float]:
         """Token usage, failures and cost estimate of an API-backed patient/judge: this step and in total."""
         metrics: dict[str, float] = {}
         for role, worker in (("patient", self.patient_worker), ("judge", self.judge_worker)):
-            step, total = ray.get([worker.usage_delta.remote(), worker.usage_total.remote()])
+            step, total = await asyncio.gather(worker.usage_delta.remote(), worker.usage_total.remote())
             metrics.update({f"api/{role}/{key}": value for key, value in step.items()})
             if total:
                 metrics[f"api/{role}/total_cost_usd"] = total["cost_usd"]
@@ -271,9 +477,26 @@ class Orchestrator:
         tqdm.write(message)
 
     def shutdown(self) -> None:
+        workers = self.pool.shutdown_handles() if hasattr(self, "pool") else []
         sims = [getattr(self, "patient_worker", None), getattr(self, "judge_worker", None)]
-        closing = [w.close.remote() for w in [*getattr(self, "workers", []), *sims] if w is not None]
+        closing = [w.close.remote() for w in [*workers, *sims] if w is not None]
         ray.wait(closing, num_returns=len(closing), timeout=30)
-        for actor in [*getattr(self, "workers", []), getattr(self, "learner", None), *sims]:
+        for actor in [*workers, getattr(self, "learner", None), *sims]:
             if actor is not None:
                 ray.kill(actor)
+
+
+def staleness_metrics(table: pa.Table, *, trained_by: int, max_staleness: int) -> dict[str, float]:
+    """How many versions behind the training adapter each episode started, and its turns sampled."""
+    starts = [trained_by - v for v in table.column("policy_version").to_pylist()]
+    turns = [trained_by - v for versions in table.column("turn_versions").to_pylist() for v in versions]
+    if not starts:
+        return {}
+    metrics = {
+        "staleness/mean": sum(starts) / len(starts),
+        "staleness/max": float(max(starts)),
+        "staleness/turn_mean": sum(turns) / len(turns) if turns else 0.0,
+    }
+    for lag in range(max_staleness + 1):
+        metrics[f"staleness/share_{lag}"] = sum(s == lag for s in starts) / len(starts)
+    return metrics

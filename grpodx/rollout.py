@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,11 @@ from grpodx.medical.knowledge import load_knowledge_base
 
 @dataclass(frozen=True)
 class Scenario:
-    """One GRPO group to roll out: G episodes of one case on one adapter version."""
+    """One GRPO group to roll out: G episodes of one case.
+
+    ``adapter_version`` is the oldest version the group may start on: the worker starts it on the
+    newest version it serves, waiting for ``adapter_version`` if that has not arrived yet.
+    """
 
     step: int
     group_id: str
@@ -73,6 +78,11 @@ class RolloutWorker:
             reward_config=config.reward,
         )
         self._slots = asyncio.Semaphore(config.ray.episodes_per_worker)
+        self._version_arrived: asyncio.Condition | None = None
+        # Busy time (at least one episode in flight), for the generators' idle share.
+        self._active = 0
+        self._busy_since = 0.0
+        self._busy_s = 0.0
 
     # ---- adapters -------------------------------------------------------------------------------
     def load_adapter(self, adapter: AdapterWeights) -> int:
@@ -82,26 +92,79 @@ class RolloutWorker:
         for version in self.engine.loaded_versions():
             if 0 < version < oldest_allowed:
                 self.engine.unload_adapter(version)
+        if self._version_arrived is not None:
+            asyncio.get_running_loop().create_task(self._announce_version())
         return self.engine.latest_version
+
+    async def _announce_version(self) -> None:
+        async with self._version_arrived:
+            self._version_arrived.notify_all()
+
+    async def _wait_for_version(self, version: int, timeout_s: float = 600.0) -> None:
+        if self.engine.latest_version >= version:
+            return
+        if self._version_arrived is None:
+            self._version_arrived = asyncio.Condition()
+        async with self._version_arrived:
+            await asyncio.wait_for(
+                self._version_arrived.wait_for(lambda: self.engine.latest_version >= version), timeout_s
+            )
 
     def adapter_versions(self) -> list[int]:
         return self.engine.loaded_versions()
 
     # ---- rollouts -------------------------------------------------------------------------------
-    async def _episode(self, case: CaseCard, version: int, seed: int | None, temperature: float | None):
+    async def _episode(
+        self,
+        case: CaseCard,
+        version: int,
+        seed: int | None,
+        temperature: float | None,
+        follow_new_versions: bool = False,
+    ):
         async with self._slots:
-            return await self.runner.run(case, version, self.runner.sampling(seed, temperature))
+            self._on_episode_started()
+            try:
+                newest = (lambda: self.engine.latest_version) if follow_new_versions else None
+                return await self.runner.run(case, version, self.runner.sampling(seed, temperature), newest)
+            finally:
+                self._on_episode_finished()
 
-    async def run_groups(self, scenarios: Sequence[Scenario]) -> pa.RecordBatch:
-        """Roll out every group concurrently; one Arrow row per episode, in scenario order."""
+    async def run_group(self, scenario: Scenario) -> pa.RecordBatch:
+        """Roll out one group: G episodes of one case, all starting on the same (newest) version."""
+        await self._wait_for_version(scenario.adapter_version)
+        version = self.engine.latest_version
+        follow = self.config.train.refresh_version_per_turn
         jobs, tags = [], []
-        for scenario in scenarios:
-            for index in range(scenario.num_generations):
-                seed = episode_seed(scenario.seed, scenario.group_id, index)
-                jobs.append(self._episode(scenario.case, scenario.adapter_version, seed, None))
-                tags.append(EpisodeTag(scenario.step, scenario.group_id, index, self.worker_id))
+        for index in range(scenario.num_generations):
+            seed = episode_seed(scenario.seed, scenario.group_id, index)
+            jobs.append(self._episode(scenario.case, version, seed, None, follow))
+            tags.append(EpisodeTag(scenario.step, scenario.group_id, index, self.worker_id))
         results: list[EpisodeResult] = await asyncio.gather(*jobs)
         return to_record_batch(list(zip(tags, results, strict=True)))
+
+    async def run_groups(self, scenarios: Sequence[Scenario]) -> pa.RecordBatch:
+        """Roll out several groups concurrently; one Arrow row per episode, in scenario order."""
+        batches = await asyncio.gather(*(self.run_group(scenario) for scenario in scenarios))
+        if not batches:
+            return to_record_batch([])
+        return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+    # ---- utilisation ----------------------------------------------------------------------------
+    def _on_episode_started(self) -> None:
+        if self._active == 0:
+            self._busy_since = time.perf_counter()
+        self._active += 1
+
+    def _on_episode_finished(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._busy_s += time.perf_counter() - self._busy_since
+
+    def busy_seconds(self) -> float:
+        """Seconds with at least one episode in flight since the worker started."""
+        ongoing = time.perf_counter() - self._busy_since if self._active else 0.0
+        return self._busy_s + ongoing
 
     async def evaluate(
         self, cases: Sequence[CaseCard], adapter_version: int | None = None, temperature: float = 0.0

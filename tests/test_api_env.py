@@ -1,6 +1,6 @@
 """The OpenAI-compatible patient and judge, through the real ``openai`` SDK against our loopback server.
 
-Every test talks HTTP to ``tests/openai_server.py`` on 127.0.0.1; faults are injected there, so what is
+Every test talks HTTP to ``grpodx/loopback.py`` on 127.0.0.1; faults are injected there, so what is
 tested is the whole path: our limits and retries, the SDK's error mapping, and the counters.
 """
 
@@ -26,9 +26,9 @@ from grpodx.env.api_patient import OpenAIPatient, PatientError
 from grpodx.env.judge import IcdJudge, JudgeError, Verdict
 from grpodx.env.llm import TRANSPORT_FAILURES, ApiError, RateLimiter, retry_after_seconds
 from grpodx.env.patient import Message, ScriptedPatient
+from grpodx.loopback import Fault, OpenAICompatibleServer
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
-from tests.openai_server import Fault, OpenAICompatibleServer
 
 KB = load_knowledge_base()
 CASE = CaseSampler(KB).case_at(0)

@@ -64,7 +64,9 @@ def test_step_updates_lora_only_and_advances_version(small_model_dir):
             assert torch.equal(value, base_before[name]), name
     assert metrics["groups/zero_advantage"] == 1.0
     assert metrics["groups/trained"] == 1.0
-    assert metrics["learner/tokens"] == 4 * 5  # only the non-zero group's doctor tokens
+    # Every valid episode's doctor tokens count in the token mean; only the non-zero group is computed.
+    assert metrics["learner/tokens"] == 8 * 5
+    assert metrics["learner/sequences_computed"] == 4
     # On-policy: the ratio is 1 up to float noise, so nothing is clipped.
     assert metrics["learner/ratio_max"] == pytest.approx(1.0, abs=1e-4)
 
@@ -74,7 +76,7 @@ def test_all_equal_rewards_give_no_update(small_model_dir):
     before = _adapter_vector(learner)
     metrics = learner.train_step(_table(_rows([1, 1, 1, 1], 4, learner)))
     assert torch.equal(before, _adapter_vector(learner))
-    assert metrics["groups/zero_advantage"] == 1.0 and metrics["learner/sequences"] == 0
+    assert metrics["groups/zero_advantage"] == 1.0 and metrics["learner/sequences_computed"] == 0
 
 
 def test_patient_tokens_do_not_affect_the_update(small_model_dir):
@@ -174,3 +176,91 @@ def test_missing_checkpoint_has_clear_error(small_model_dir, tmp_path):
     learner = Learner(_config(), str(small_model_dir), device="cpu")
     with pytest.raises(FileNotFoundError, match="load-checkpoint"):
         learner.load(tmp_path)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean"])
+def test_group_by_group_accumulation_equals_one_batch(small_model_dir, aggregation):
+    """Streaming groups into accumulate() one at a time gives the same step as the whole batch at once
+    (groups of different lengths, so a wrong normaliser would show), with KL on."""
+    overrides = {"grpo.loss_aggregation": aggregation, "grpo.kl_coef": 0.1, "grpo.max_grad_norm": 100.0}
+    whole = Learner(_config(**overrides), str(small_model_dir), device="cpu")
+    streamed = Learner(_config(**overrides), str(small_model_dir), device="cpu")
+    streamed.model.load_state_dict(whole.model.state_dict())
+    # One step first, so the adapter is not zero and the KL term has a gradient.
+    warm = _table(_rows([1, 0, 0.5, 0.2], 4, whole, seed=3))
+    whole.train_step(warm)
+    streamed.train_step(warm)
+    groups = [
+        _rows([1, 0, 0, 0.3], 4, whole, seed=1, gen_len=3),
+        _rows([0.2, 0.9, 0.1, 0.4], 4, whole, seed=2, gen_len=9),
+        _rows([0.5, 0.0, 1.0, 0.5], 4, whole, seed=4, gen_len=6),
+    ]
+    for index, rows in enumerate(groups):
+        for row in rows:
+            row["group_id"] = f"g{index}"
+    whole_metrics = whole.train_step(_table([row for rows in groups for row in rows]))
+    for rows in reversed(groups):  # arrival order must not matter either
+        streamed.accumulate(_table(rows))
+    streamed_metrics = streamed.step()
+    assert streamed.version == whole.version == 2
+    assert torch.allclose(_adapter_vector(streamed), _adapter_vector(whole), atol=1e-6)
+    assert streamed_metrics["learner/tokens"] == whole_metrics["learner/tokens"] == 4 * (3 + 9 + 6)
+    assert streamed_metrics["groups/total"] == whole_metrics["groups/total"] == 3
+    assert streamed_metrics["learner/loss"] == pytest.approx(whole_metrics["learner/loss"], abs=1e-6)
+
+
+def test_accumulated_gradient_is_the_token_mean_of_the_batch(small_model_dir):
+    """The gradient step() applies equals the gradient of the batch's token-mean loss computed directly
+    (Adam hides a wrong scale in the weights, so compare gradient norms before clipping)."""
+    from grpodx.algo import grpo
+
+    config = _config(**{"grpo.kl_coef": 0.0, "grpo.max_grad_norm": 1e6, "grpo.token_budget": 10_000})
+    learner = Learner(config, str(small_model_dir), device="cpu")
+    reference = Learner(config, str(small_model_dir), device="cpu")
+    reference.model.load_state_dict(learner.model.state_dict())
+    learner.train_step(_table(_rows([1, 0, 0.5, 0.2], 4, learner, seed=3)))  # a non-zero adapter
+    reference.model.load_state_dict(learner.model.state_dict())
+    first = _rows([1, 0, 0, 0.3], 4, learner, seed=1, gen_len=3)
+    second = _rows([0.2, 0.9, 0.1, 0.4], 4, learner, seed=2, gen_len=9)
+    for row in second:
+        row["group_id"] = "g1"
+    learner.accumulate(_table(first))
+    learner.accumulate(_table(second))
+    streamed_norm = learner.step()["learner/grad_norm"]
+
+    rows = first + second
+    rewards = torch.tensor([r["reward"] for r in rows])
+    advantages = torch.cat([grpo.group_advantages(rewards[:4], 4), grpo.group_advantages(rewards[4:], 4)])
+    width = max(len(r["token_ids"]) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention, mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    behaviour = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        n = len(row["token_ids"])
+        ids[i, :n], attention[i, :n] = torch.tensor(row["token_ids"]), 1
+        mask[i, :n] = torch.tensor(row["loss_mask"], dtype=torch.bool)
+        behaviour[i, :n] = torch.tensor(row["behaviour_logprobs"])
+    reference.model.train()
+    logits = reference.model(input_ids=ids, attention_mask=attention).logits
+    logprobs = grpo.sequence_logprobs(logits, ids, reference.temperature)
+    loss, _ = grpo.policy_loss(logprobs, behaviour, advantages, mask, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    grads = [p.grad for p in reference.model.parameters() if p.requires_grad and p.grad is not None]
+    reference_norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+    assert reference_norm > 0
+    assert streamed_norm == pytest.approx(reference_norm, rel=1e-4)
+
+
+def test_a_saved_adapter_reads_back_from_a_path_and_a_uri(small_model_dir, tmp_path):
+    """``grpodx eval --checkpoint`` takes a checkpoint directory or its URI in the run storage."""
+    from grpodx.local import read_adapter
+
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    learner.train_step(_table(_rows([1, 0, 0.5, 0.2], 4, learner)))
+    learner.save(tmp_path / "step-000001")
+    expected = learner.adapter().state_dict
+    for location in (tmp_path / "step-000001", f"file://{tmp_path}/step-000001"):
+        adapter = read_adapter(location)
+        assert adapter.peft_config["r"] == 4
+        assert set(adapter.state_dict) == set(expected)
+        assert all(torch.equal(adapter.state_dict[k], expected[k]) for k in expected)

@@ -20,7 +20,7 @@ def ray_session():
     ray.shutdown()
 
 
-def _config(model_dir, run_dir, max_steps):
+def _config(model_dir, run_dir, max_steps, *extra):
     return load_config(
         None,
         [
@@ -39,6 +39,7 @@ def _config(model_dir, run_dir, max_steps):
             "ray.num_rollout_workers=2",
             "ray.rollout_num_cpus=1",
             "ray.learner_num_cpus=1",
+            *extra,
         ],
     )
 
@@ -51,7 +52,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert result.steps == 2
 
     # The adapter version advanced on every worker, to the learner's version.
-    versions = ray.get([w.adapter_versions.remote() for w in orchestrator.workers])
+    versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.pool.slots.values()])
     assert all(max(v) == 2 for v in versions), versions
     assert ray.get(orchestrator.learner.version.remote()) == 2
     orchestrator.shutdown()
@@ -77,7 +78,9 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     for key in (
         "groups/zero_advantage",
         "time/weight_push",
-        "time/rollout",
+        "time/step",
+        "time/learner_idle_share",
+        "staleness/share_0",
         "learner/seconds",
         "tokens/doctor",
     ):
@@ -93,7 +96,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert resumed.run_dir == run_dir
     result = resumed.train()
     assert result.steps == 3
-    versions = ray.get([w.adapter_versions.remote() for w in resumed.workers])
+    versions = ray.get([s.handle.adapter_versions.remote() for s in resumed.pool.slots.values()])
     assert all(max(v) == 3 for v in versions)
     resumed.shutdown()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +111,7 @@ def test_training_with_api_patient_and_judge(ray_session, small_model_dir, tmp_p
     """A few steps with both API backends pointed at our loopback Chat Completions server."""
     from pydantic import SecretStr
 
-    from tests.openai_server import OpenAICompatibleServer
+    from grpodx.loopback import OpenAICompatibleServer
 
     secret = "sk-test-grpodx-0123456789abcdef"
     with OpenAICompatibleServer() as server:
@@ -149,3 +152,42 @@ def test_training_with_api_patient_and_judge(ray_session, small_model_dir, tmp_p
     for path in result.run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_pipelined_run_respects_staleness_and_writes_to_a_uri(ray_session, small_model_dir, tmp_path):
+    """max_staleness=1: workers run one batch ahead, no group is trained more than one version after it
+    started, every turn's version is recorded; the run directory is a file:// URI and resumes from it."""
+    overrides = ["train.max_staleness=1", "train.run_name=async", "train.eval_cases=0", "train.save_steps=2"]
+    config = _config(small_model_dir, f"file://{tmp_path}", 4, *overrides)
+    orchestrator = Orchestrator(config, progress=False)
+    result = orchestrator.train()
+    orchestrator.shutdown()
+    assert result.steps == 4
+    run_dir = tmp_path / "async"
+    frame = pd.read_parquet(run_dir / "trajectories")
+    assert len(frame) == 4 * 3 * 2 and frame["group_id"].nunique() == 4 * 3  # every group exactly once
+    trained_by = frame["step"] - 1
+    lag = trained_by - frame["policy_version"]
+    assert lag.between(0, 1).all(), lag.tolist()
+    assert (lag == 1).any(), "no group started before the version that trained it: nothing overlapped"
+    for start, versions, learner_version in zip(
+        frame["policy_version"], frame["turn_versions"], trained_by, strict=True
+    ):
+        versions = list(versions)
+        assert versions[0] == start and versions == sorted(versions) and versions[-1] <= learner_version
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "staleness/mean" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4]
+    assert all(line["staleness/max"] <= 1 for line in steps)
+    assert all(line["groups/lost"] == 0 and line["groups/duplicates_total"] == 0 for line in steps)
+
+    resumed = Orchestrator(
+        _config(small_model_dir, f"file://{tmp_path}", 5, *overrides),
+        load_checkpoint=f"file://{run_dir}/checkpoints/step-000004",
+        progress=False,
+    )
+    assert resumed.train().steps == 5
+    resumed.shutdown()
+    state = json.loads((run_dir / "checkpoints" / "step-000005" / "orchestrator.json").read_text())
+    assert state["step"] == 5 and state["sampler"]["position"] == 15
+    assert (run_dir / "checkpoints" / "step-000005" / "_COMPLETE").is_file()

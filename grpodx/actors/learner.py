@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import ray
 import torch
 
@@ -19,6 +22,12 @@ class LearnerActor:
     def train_step(self, *batches) -> dict[str, float]:
         return self.learner.train_step(list(batches))
 
+    def accumulate(self, *batches) -> dict[str, float]:
+        return self.learner.accumulate(list(batches))
+
+    def step(self) -> dict[str, float]:
+        return self.learner.step()
+
     def publish(self):
         """The current adapter, put in the object store once for every rollout worker to fetch."""
         return ray.put(self.learner.adapter())
@@ -28,6 +37,20 @@ class LearnerActor:
 
     def device(self) -> str:
         return str(self.learner.device)
+
+    def save_checkpoint(self, storage, rel: str, files: dict[str, str]) -> None:
+        """Save locally, add the driver's ``files`` (its state), upload all at once to ``storage/rel``."""
+        with tempfile.TemporaryDirectory(prefix="grpodx-checkpoint-") as tmp:
+            self.learner.save(tmp)
+            for name, text in files.items():
+                (Path(tmp) / name).write_text(text)
+            storage.upload_dir(tmp, rel)
+
+    def load_checkpoint(self, storage, rel: str) -> int:
+        with tempfile.TemporaryDirectory(prefix="grpodx-checkpoint-") as tmp:
+            storage.download_dir(rel, tmp)
+            self.learner.load(tmp)
+        return self.learner.version
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

@@ -26,8 +26,14 @@ class RolloutActor:
             device=best_device(config.ray.rollout_num_gpus),
         )
 
+    async def run_group(self, scenario: Scenario):
+        return await self.worker.run_group(scenario)
+
     async def run_groups(self, scenarios: list[Scenario]):
         return await self.worker.run_groups(scenarios)
+
+    def busy_seconds(self) -> float:
+        return self.worker.busy_seconds()
 
     async def evaluate(self, cases, adapter_version=None, temperature: float = 0.0) -> list[dict]:
         return await self.worker.evaluate(cases, adapter_version, temperature)
@@ -40,6 +46,10 @@ class RolloutActor:
 
     def worker_id(self) -> str:
         return self.worker.worker_id
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (logs name it when a node leaves)."""
+        return ray.get_runtime_context().get_node_id()
 
     async def close(self) -> None:
         """Release the engine (vLLM's workers, adapter files) before the actor is killed."""

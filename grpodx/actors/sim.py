@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import ray
 from pydantic import SecretStr
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from grpodx.config import Config
 from grpodx.env import make_judge, make_patient
@@ -80,6 +81,12 @@ class RemoteJudge(Judge):
 
 
 def start_sim_workers(config: Config, api_key: SecretStr | None = None):
-    patient = PatientWorker.options(max_concurrency=config.patient.max_concurrency).remote(config, api_key)
-    judge = JudgeWorker.options(max_concurrency=config.judge.max_concurrency).remote(config, api_key)
+    """The patient and judge workers, pinned to the driver's node: rollout nodes come and go with the
+    autoscaler, and these two serve every worker for the whole run (a soft preference is not enough:
+    Ray placed them on rollout nodes in tests)."""
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    patient_options = {"max_concurrency": config.patient.max_concurrency, "scheduling_strategy": here}
+    judge_options = {"max_concurrency": config.judge.max_concurrency, "scheduling_strategy": here}
+    patient = PatientWorker.options(**patient_options).remote(config, api_key)
+    judge = JudgeWorker.options(**judge_options).remote(config, api_key)
     return patient, judge

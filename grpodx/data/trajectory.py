@@ -21,7 +21,8 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("group_id", pa.string()),
         pa.field("sample_index", pa.int32()),
         pa.field("worker_id", pa.string()),
-        pa.field("policy_version", pa.int32()),
+        pa.field("policy_version", pa.int32()),  # the version the episode started on
+        pa.field("turn_versions", pa.list_(pa.int32())),  # the version of each doctor turn
         pa.field("case_id", pa.string()),
         pa.field("case", pa.string()),  # the case card as JSON
         pa.field("condition", pa.string()),
@@ -77,6 +78,7 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "sample_index": tag.sample_index,
         "worker_id": tag.worker_id,
         "policy_version": result.adapter_version,
+        "turn_versions": result.turn_versions,
         "case_id": result.case.case_id,
         "case": json.dumps(result.case.to_dict()),
         "condition": result.case.condition,

@@ -134,6 +134,8 @@ class HFEngine(GenerationEngine):
             await self._wakeup.wait()
             # Yield once so that requests issued in the same tick join this batch.
             await asyncio.sleep(0)
+            # A caller that was cancelled (a group given up, a shutdown) cancels its future: skip it.
+            self._pending = [r for r in self._pending if not r.future.cancelled()]
             if not self._pending:
                 self._wakeup.clear()
                 continue

@@ -9,6 +9,7 @@ the learner trains on exactly the ids the engine produced.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grpodx.config import EpisodeConfig, RewardConfig
@@ -24,7 +25,8 @@ from grpodx.medical.knowledge import KnowledgeBase
 @dataclass
 class EpisodeResult:
     case: CaseCard
-    adapter_version: int
+    adapter_version: int  # the version the episode started on
+    turn_versions: list[int] = field(default_factory=list)  # the version each doctor turn sampled from
     token_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -94,12 +96,21 @@ class EpisodeRunner:
             seed=seed,
         )
 
-    async def run(self, case: CaseCard, adapter_version: int, sampling: SamplingParams) -> EpisodeResult:
+    async def run(
+        self,
+        case: CaseCard,
+        adapter_version: int,
+        sampling: SamplingParams,
+        newest_version: Callable[[], int] | None = None,
+    ) -> EpisodeResult:
+        """One episode from ``adapter_version``; with ``newest_version``, each later turn samples from
+        the newest adapter the engine serves by then (behaviour logprobs are recorded per token, so the
+        learner's importance ratio stays exact across the switch)."""
         result = EpisodeResult(case=case, adapter_version=adapter_version)
         # A failed patient, engine or judge call is recorded with its stage and excluded from the
         # gradient; it is never given a default score.
         try:
-            await self._converse(result, sampling)
+            await self._converse(result, sampling, newest_version)
         except Exception as exc:  # noqa: BLE001
             result.error = f"conversation: {type(exc).__name__}: {exc}"
             return result
@@ -121,7 +132,9 @@ class EpisodeRunner:
         )
         return result
 
-    async def _converse(self, result: EpisodeResult, sampling: SamplingParams) -> None:
+    async def _converse(
+        self, result: EpisodeResult, sampling: SamplingParams, newest_version: Callable[[], int] | None
+    ) -> None:
         config, chat, case = self.episode_config, self.chat, result.case
         result._extend(chat.message("system", config.system_prompt), 0)
         started = time.perf_counter()
@@ -135,7 +148,11 @@ class EpisodeRunner:
                 result.truncated = True
                 return
             started = time.perf_counter()
-            generation = await self.engine.generate(result.token_ids, sampling, result.adapter_version)
+            version = result.adapter_version
+            if turn > 0 and newest_version is not None:
+                version = max(version, newest_version())
+            result.turn_versions.append(version)
+            generation = await self.engine.generate(result.token_ids, sampling, version)
             result.generation_s += time.perf_counter() - started
             result._extend(generation.token_ids, 1, generation.logprobs)
             if generation.finish_reason != "stop":

@@ -1,9 +1,11 @@
-"""A loopback server speaking the OpenAI Chat Completions protocol, for tests and benchmarks.
+"""A loopback OpenAI-compatible Chat Completions server: a test and benchmark double, never production.
 
-``POST /v1/chat/completions`` answers like a real endpoint (``choices[0].message.content`` and
-``usage``), so the project's clients are exercised through the real ``openai`` SDK over real HTTP. It
-runs an aiohttp app on ``127.0.0.1`` (a free port) in a background thread with its own event loop, so
-a test's event loop and the server's never block each other.
+It serves the scripted patient and judge over real HTTP on ``127.0.0.1`` only (a free port), so that
+the project's API-backed patient and judge are exercised through the real ``openai`` SDK: the tests
+inject faults into it, and ``grpodx bench`` injects latency (``latency_s``) to measure how rollouts
+overlap API calls. ``POST /v1/chat/completions`` answers like a real endpoint
+(``choices[0].message.content`` and ``usage``). The aiohttp app runs in a background thread with its
+own event loop, so the caller's event loop and the server's never block each other.
 
 Behind it are two scripted models, picked by the request's shape:
 
@@ -12,7 +14,7 @@ Behind it are two scripted models, picked by the request's shape:
 - without: a patient that reads the "Symptoms you have / do NOT have / cannot know" lists of the system
   prompt and answers the last user message from them.
 
-Faults are queued by the test (:meth:`OpenAICompatibleServer.inject`) and consumed one per request in
+Faults are queued by the caller (:meth:`OpenAICompatibleServer.inject`) and consumed one per request in
 arrival order. Every request is recorded with its arrival time, body, ``Authorization`` header, the
 fault it got and the status sent (None when the connection was dropped).
 """
@@ -90,7 +92,9 @@ class OpenAICompatibleServer:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> OpenAICompatibleServer:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-test-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="loopback-openai-server", daemon=True
+        )
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
         return self
