@@ -47,16 +47,24 @@ def _run_once(ctx: BenchContext, run_dir: Path, name: str, max_staleness: int, s
     per_step = [line for line in lines if "time/step" in line]
     # The first step includes the workers' first batches on a cold engine; leave it out when we can.
     counted = per_step[1:] if len(per_step) > 2 else per_step
+    return step_figures(counted)
 
-    def median(key: str) -> float:
-        return statistics.median(line[key] for line in counted)
 
+def step_figures(steps: list[dict]) -> dict:
+    """Wall time per step and idle shares over a run's steps, weighted by time.
+
+    Not medians: with max_staleness > 0 two batches often finish together, so step times alternate
+    (a long one, then one of a fraction of a second) and their median says nothing about throughput.
+    """
+    wall = sum(line["time/step"] for line in steps)
+    learner_busy = sum(line["time/learner"] for line in steps)
+    generator_idle = sum(line["time/generator_idle_share"] * line["time/step"] for line in steps)
     return {
-        "step_s": median("time/step"),
-        "learner_idle": median("time/learner_idle_share"),
-        "generator_idle": median("time/generator_idle_share"),
-        "staleness": statistics.mean(line["staleness/mean"] for line in counted),
-        "reward": statistics.mean(line["reward/mean"] for line in counted),
+        "step_s": wall / len(steps),
+        "learner_idle": max(0.0, 1.0 - learner_busy / wall),
+        "generator_idle": generator_idle / wall,
+        "staleness": statistics.mean(line["staleness/mean"] for line in steps),
+        "reward": statistics.mean(line["reward/mean"] for line in steps),
     }
 
 
@@ -93,11 +101,12 @@ def run(ctx: BenchContext) -> BenchResult:
         f"Each cell: {repeats} repeat(s) of a {steps}-step training run of the tiny doctor "
         f"({config.ray.num_rollout_workers} rollout workers, batch {config.train.batch_size} x "
         f"G {config.grpo.num_generations}, eval off), the three settings interleaved in each repeat; a run's "
-        "figure is the median over its steps, the first step left out (cold engines).",
-        "step s: wall time between learner steps (time/step). speed-up: the max_staleness 0 run's step time "
-        "divided by this one's, per repeat. Learner idle: 1 - (accumulate + optimizer seconds) / step time. "
-        "Generator idle: 1 - (seconds with at least one episode in flight) / step time, averaged over "
-        "workers.",
+        "figures are over its steps, the first left out (cold engines), weighted by time: with "
+        "max_staleness > 0 two batches often finish together, so single step times alternate.",
+        "step s: wall time of the counted steps / their number. speed-up: the max_staleness 0 run's step "
+        "time divided by this one's, per repeat. Learner idle: 1 - (accumulate + optimizer seconds) / wall "
+        "time. Generator idle: 1 - (seconds with at least one episode in flight) / wall time, averaged "
+        "over workers.",
         "staleness: mean versions between the adapter an episode started on and the one that trained on it "
         "(at most max_staleness by construction). reward: mean training reward over the counted steps, a "
         "sanity check that the runs did the same work, not a learning result.",
