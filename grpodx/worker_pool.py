@@ -58,7 +58,6 @@ class WorkerSlot:
     ready: bool = False
     groups_in_flight: int = 0
     groups_done: int = 0
-    busy_mark: float = 0.0
 
 
 @dataclass
@@ -128,7 +127,6 @@ class RolloutPool:
             self._starting.pop(slot.worker_id, None)
         if slot.worker_id in self.slots:
             slot.ready = True
-            slot.busy_mark = await slot.handle.busy_seconds.remote()
             self.events.append(f"ready {slot.worker_id}")
 
     def on_worker_lost(self, worker_id: str) -> None:
