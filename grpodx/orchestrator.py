@@ -228,7 +228,6 @@ class Orchestrator:
             return "lost", ticket, slot.worker_id, exc
         finally:
             slot.groups_in_flight -= 1
-        slot.groups_done += 1
         return "finished", ticket, slot.worker_id, batch
 
     def _on_group_done(self, outcome: tuple) -> None:

@@ -57,7 +57,6 @@ class WorkerSlot:
     handle: Any
     ready: bool = False
     groups_in_flight: int = 0
-    groups_done: int = 0
 
 
 @dataclass
