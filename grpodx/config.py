@@ -35,7 +35,7 @@ class TinyDoctorConfig(_Section):
     vocab_size: int = 3000
     max_position_embeddings: int = 1024
     warmstart_dialogues: int = 5000
-    warmstart_epochs: int = 3
+    warmstart_epochs: int = 6
     warmstart_batch_size: int = 32
     warmstart_lr: float = 2e-3
     seed: int = 1234

@@ -49,6 +49,25 @@ def test_scripted_dialogues_follow_the_rules():
         assert len(notices) == (1 if len(doctor_turns) == episode.max_turns else 0)
 
 
+def test_scripted_reasoning_restates_every_answer_so_far():
+    """Each reasoning block lists the chief complaint and every earlier answer, in order, split yes/no."""
+    episode = load_config(None).episode
+    for dialogue in scripted_dialogues(40, seed=9, episode=episode):
+        case = dialogue.case
+        yes, no = [KB.symptom(case.chief_complaint).keywords[0]], []
+        turns = [(role, content) for role, content in dialogue.messages if role != "system"]
+        for (role, content), following in zip(turns, turns[1:] + [("end", "")], strict=True):
+            if role != "assistant":
+                continue
+            thought = content[len("<reason>") : content.index("</reason>")]
+            expected = f"Yes: {', '.join(yes)}. No: {', '.join(no) if no else 'none'}."
+            assert thought.startswith(expected), (thought, expected)
+            if following[0] == "user":
+                (asked,) = KB.symptoms_mentioned(strip_reasoning(content).visible)
+                (yes if asked in case.present else no).append(KB.symptom(asked).keywords[0])
+                assert following[1].startswith("Yes" if asked in case.present else "No")
+
+
 def test_scripted_doctor_is_far_better_than_guessing():
     doctor = ScriptedDoctor(KB)
     sampler = CaseSampler(KB, "train", 11)

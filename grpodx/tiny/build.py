@@ -28,7 +28,7 @@ from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.tiny.model import build_model, train_tokenizer
 from grpodx.tiny.scripted import ScriptedDialogue, ScriptedDoctor
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 # The warm start draws its cases from the train split with its own seed, so it never sees eval cases
 # and does not replay the exact stream GRPO will sample.
 WARMSTART_SAMPLER_SEED = 7919

@@ -114,6 +114,7 @@ class ScriptedDoctor:
         log_post = self.model.log_prior(case)
         messages = [("user", self.patient.opening_text(case))]
         asked = {case.chief_complaint}
+        evidence = Evidence(self.kb, present=[case.chief_complaint])
         for _ in range(rng.randint(1, max_turns - 1)):
             symptom_id = self.choose_question(log_post, asked, rng)
             if symptom_id is None:
@@ -121,21 +122,48 @@ class ScriptedDoctor:
             asked.add(symptom_id)
             phrase = self.kb.symptom(symptom_id).phrase
             candidates = " or ".join(self.top_conditions(log_post, 2))
-            thought = f"{REASON_OPEN}Consider {candidates}.{REASON_CLOSE}"
+            thought = f"{REASON_OPEN}{evidence.summary()} Consider {candidates}.{REASON_CLOSE}"
             messages.append(("assistant", f"{thought} Do you have {phrase}?"))
             answer = self.patient.reply_text(case, f"Do you have {phrase}?")
             messages.append(("user", answer))
-            log_post = self.model.update(log_post, symptom_id, symptom_id in case.present)
+            present = symptom_id in case.present
+            log_post = self.model.update(log_post, symptom_id, present)
+            evidence.add(symptom_id, present)
         diagnosis = self.top_conditions(log_post, 1)[0]
         if self.last_turn_notice and len(messages) == 2 * max_turns - 1:
             messages.append(("system", self.last_turn_notice))
-        messages.append(("assistant", final_turn(self.kb, diagnosis)))
+        messages.append(("assistant", final_turn(self.kb, diagnosis, evidence.summary())))
         return ScriptedDialogue(case=case, messages=messages, diagnosis=diagnosis)
 
 
-def final_turn(kb: KnowledgeBase, diagnosis: str) -> str:
+class Evidence:
+    """What the patient has said so far, restated in every reasoning block.
+
+    A 1.4 M-parameter doctor cannot gather answers scattered over the whole dialogue reliably; with
+    the evidence rewritten next to each conclusion, each answer is one copy away from where the
+    conclusion is drawn, so the warm-started doctor's diagnosis actually depends on its questions
+    (which is what gives reinforcement learning something to improve: which questions, how many).
+    """
+
+    def __init__(self, kb: KnowledgeBase, present: list[str]):
+        self.kb = kb
+        self.present = list(present)
+        self.absent: list[str] = []
+
+    def add(self, symptom_id: str, present: bool) -> None:
+        (self.present if present else self.absent).append(symptom_id)
+
+    def summary(self) -> str:
+        def names(ids: list[str]) -> str:
+            return ", ".join(self.kb.symptom(sid).keywords[0] for sid in ids) if ids else "none"
+
+        return f"Yes: {names(self.present)}. No: {names(self.absent)}."
+
+
+def final_turn(kb: KnowledgeBase, diagnosis: str, evidence: str = "") -> str:
     steps = [step.name for step in kb.condition(diagnosis).next_steps]
-    text = f"{REASON_OPEN}Most likely {diagnosis}.{REASON_CLOSE} Final diagnosis: {diagnosis}."
+    thought = f"{evidence} Most likely {diagnosis}." if evidence else f"Most likely {diagnosis}."
+    text = f"{REASON_OPEN}{thought}{REASON_CLOSE} Final diagnosis: {diagnosis}."
     if steps:
         text += " Next steps: " + ", ".join(steps) + "."
     return text
