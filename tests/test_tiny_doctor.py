@@ -11,7 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from grpodx.config import load_config
-from grpodx.dialogue import IM_END, IM_SEP, IM_START, PAD, ChatCodec, parse_final_diagnosis, strip_reasoning
+from grpodx.dialogue import (
+    IM_END,
+    IM_SEP,
+    IM_START,
+    PAD,
+    REASON_CLOSE,
+    REASON_OPEN,
+    ChatCodec,
+    parse_final_diagnosis,
+    strip_reasoning,
+)
 from grpodx.local import evaluate_locally
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
@@ -59,7 +69,7 @@ def test_scripted_reasoning_restates_every_answer_so_far():
         for (role, content), following in zip(turns, turns[1:] + [("end", "")], strict=True):
             if role != "assistant":
                 continue
-            thought = content[len("<reason>") : content.index("</reason>")]
+            thought = content[len(REASON_OPEN) : content.index(REASON_CLOSE)]
             expected = f"Yes: {', '.join(yes)}. No: {', '.join(no) if no else 'none'}."
             assert thought.startswith(expected), (thought, expected)
             if following[0] == "user":

@@ -113,13 +113,11 @@ class ScriptedDoctor:
     def dialogue(self, case: CaseCard, rng: random.Random, max_turns: int = 5) -> ScriptedDialogue:
         log_post = self.model.log_prior(case)
         messages = [("user", self.patient.opening_text(case))]
-        asked = {case.chief_complaint}
         evidence = Evidence(self.kb, present=[case.chief_complaint])
         for _ in range(rng.randint(1, max_turns - 1)):
-            symptom_id = self.choose_question(log_post, asked, rng)
+            symptom_id = self.choose_question(log_post, evidence.asked(), rng)
             if symptom_id is None:
                 break
-            asked.add(symptom_id)
             phrase = self.kb.symptom(symptom_id).phrase
             candidates = " or ".join(self.top_conditions(log_post, 2))
             thought = f"{REASON_OPEN}{evidence.summary()} Consider {candidates}.{REASON_CLOSE}"
@@ -153,6 +151,9 @@ class Evidence:
     def add(self, symptom_id: str, present: bool) -> None:
         (self.present if present else self.absent).append(symptom_id)
 
+    def asked(self) -> set[str]:
+        return {*self.present, *self.absent}
+
     def summary(self) -> str:
         def names(ids: list[str]) -> str:
             return ", ".join(self.kb.symptom(sid).keywords[0] for sid in ids) if ids else "none"
@@ -160,10 +161,9 @@ class Evidence:
         return f"Yes: {names(self.present)}. No: {names(self.absent)}."
 
 
-def final_turn(kb: KnowledgeBase, diagnosis: str, evidence: str = "") -> str:
+def final_turn(kb: KnowledgeBase, diagnosis: str, evidence: str) -> str:
     steps = [step.name for step in kb.condition(diagnosis).next_steps]
-    thought = f"{evidence} Most likely {diagnosis}." if evidence else f"Most likely {diagnosis}."
-    text = f"{REASON_OPEN}{thought}{REASON_CLOSE} Final diagnosis: {diagnosis}."
+    text = f"{REASON_OPEN}{evidence} Most likely {diagnosis}.{REASON_CLOSE} Final diagnosis: {diagnosis}."
     if steps:
         text += " Next steps: " + ", ".join(steps) + "."
     return text
