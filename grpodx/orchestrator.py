@@ -93,6 +93,11 @@ def init_ray(config: Config) -> None:
     )
 
 
+def group_id(step: int, index: int) -> str:
+    """The id of the ``index``-th group of a step, as it appears in the trajectories."""
+    return f"s{step:06d}-g{index:03d}"
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -195,7 +200,7 @@ class Orchestrator:
         index = ticket - batch * config.train.batch_size
         return Scenario(
             step=batch + 1,
-            group_id=f"s{batch + 1:06d}-g{index:03d}",
+            group_id=group_id(batch + 1, index),
             case=self.sampler.case_at(self._case_base + ticket - self._ticket_base),
             num_generations=config.grpo.num_generations,
             adapter_version=self.published_version,

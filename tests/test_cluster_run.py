@@ -16,7 +16,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from grpodx.config import load_config
-from grpodx.orchestrator import Orchestrator
+from grpodx.orchestrator import Orchestrator, group_id
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ def test_a_rollout_node_that_leaves_loses_no_group_and_trains_none_twice(cluster
     assert frame["group_id"].nunique() + lost == 8 * 4
     rerun = 0
     for ticket in unfinished:
-        group = frame[frame["group_id"] == f"s{ticket // 4 + 1:06d}-g{ticket % 4:03d}"]
+        group = frame[frame["group_id"] == group_id(ticket // 4 + 1, ticket % 4)]
         assert len(group) in (0, 2)  # trained once, or lost (counted above)
         rerun += int(len(group) == 2 and removed[0] not in set(group["worker_id"]))
     assert lines[-1]["groups/retried_total"] >= rerun
