@@ -165,6 +165,13 @@ def evaluate(
     temperature: Annotated[
         float | None, typer.Option(help="sampling temperature [config, 0 = greedy]")
     ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="a second doctor, 'base' or a checkpoint dir, run on the same cases and seeds; "
+            "prints the paired difference (--checkpoint minus --compare)"
+        ),
+    ] = None,
     openai_api_key: Annotated[
         str | None,
         typer.Option(help="key for API-backed patient/judge (default: $OPENAI_API_KEY)", show_default=False),
@@ -173,20 +180,27 @@ def evaluate(
     """Run the doctor on held-out cases and print accuracy, reward, turns, finished and leak shares."""
     from pydantic import SecretStr
 
-    from grpodx.local import evaluate_locally
+    from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
+    from grpodx.local import evaluate_doctors
+    from grpodx.medical.knowledge import load_knowledge_base
 
     api_key = openai_api_key or os.environ.get("OPENAI_API_KEY")
+    doctors = [checkpoint] if compare is None else [checkpoint, None if compare == "base" else compare]
+    if compare is not None and doctors[0] == doctors[1]:
+        _fail("--compare names the doctor being evaluated; pass --checkpoint DIR to compare it with the base")
     try:
         cfg = _load(config, overrides, {"train.eval_cases": cases, "train.eval_temperature": temperature})
-        summary = asyncio.run(evaluate_locally(cfg, checkpoint, SecretStr(api_key) if api_key else None))
+        results = asyncio.run(evaluate_doctors(cfg, doctors, SecretStr(api_key) if api_key else None))
     except ConfigError as exc:
         _fail(str(exc))
         return
-    from grpodx.evaluation import format_summary
-
-    typer.echo(
-        format_summary(summary, "evaluation" + (f" of {checkpoint}" if checkpoint else " of the base doctor"))
-    )
+    num_conditions = len(load_knowledge_base().conditions)
+    for doctor, episodes in zip(doctors, results, strict=True):
+        title = "evaluation" + (f" of {doctor}" if doctor else " of the base doctor")
+        typer.echo(format_summary(summarize(episodes, num_conditions), title))
+    if compare is not None:
+        paired = paired_difference(results[0], results[1])
+        typer.echo(format_paired(paired, f"{doctors[0] or 'base'} minus {compare}"))
 
 
 @app.command("build-tiny")

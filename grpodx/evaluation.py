@@ -32,6 +32,36 @@ def summarize(episodes: Sequence[dict], num_conditions: int | None = None) -> di
     return summary
 
 
+def paired_difference(after: Sequence[dict], before: Sequence[dict]) -> dict[str, float]:
+    """Per-case differences between two evaluations of the same cases with the same sampling seeds.
+
+    Pairing removes the spread between cases from the comparison: on the tiny doctor one 300-case
+    evaluation has a standard error of about 0.028, while the paired difference of two close doctors
+    on 1,000 cases is known to about 0.013. Cases where either episode failed are left out.
+    """
+    first = {e["case_id"]: e for e in before if e["valid"]}
+    pairs = [(e, first[e["case_id"]]) for e in after if e["valid"] and e["case_id"] in first]
+    reward = [a["reward"] - b["reward"] for a, b in pairs]
+    accuracy = [float(a["correct"]) - float(b["correct"]) for a, b in pairs]
+    return {
+        "cases": float(len(pairs)),
+        "reward_diff": sum(reward) / len(reward) if reward else float("nan"),
+        "reward_diff_stderr": _stderr(reward),
+        "accuracy_diff": sum(accuracy) / len(accuracy) if accuracy else float("nan"),
+        "better": float(sum(d > 0 for d in reward)),
+        "worse": float(sum(d < 0 for d in reward)),
+    }
+
+
+def format_paired(paired: dict[str, float], title: str = "paired difference") -> str:
+    return (
+        f"{title} on {int(paired['cases'])} cases (same cases and seeds):\n"
+        f"  mean reward       {paired['reward_diff']:+.3f} ± {paired['reward_diff_stderr']:.3f}\n"
+        f"  accuracy          {paired['accuracy_diff']:+.3f}\n"
+        f"  cases better / worse  {int(paired['better'])} / {int(paired['worse'])}"
+    )
+
+
 def _stderr(values: list[float]) -> float:
     if len(values) < 2:
         return float("nan")

@@ -28,6 +28,19 @@ LEARNER_STATE_FILE = "learner_state.pt"
 ADAPTER_DIR = "adapter"
 
 
+def _squared_norm(parameters: list[torch.Tensor], minus: list[torch.Tensor | None] | None = None) -> float:
+    """Squared norm of the parameters' gradients (less ``minus``, the gradients saved earlier)."""
+    total = 0.0
+    for index, parameter in enumerate(parameters):
+        if parameter.grad is None:
+            continue
+        grad = parameter.grad.detach().float()
+        if minus is not None and minus[index] is not None:
+            grad = grad - minus[index].float()
+        total += float(grad.pow(2).sum())
+    return total
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -69,6 +82,9 @@ class Learner:
         )
         self.version = 0
         self._pending = self._new_pending()
+        self._part_sq_norms: list[tuple[float, int]] = []
+        # Running averages of the per-step |G|^2 and tr(Sigma) estimates (per accumulate call).
+        self._noise_average = (0.0, 0.0)
         temperature = config.episode.sampling.temperature
         # The engine records logprobs of the temperature-scaled distribution; score the same one.
         self.temperature = temperature if temperature > 0 else 1.0
@@ -116,6 +132,10 @@ class Learner:
                 advantages[i] = value * len(selected) / total
         if not self.model.training:
             self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # This call's own gradient is the change it makes to the accumulated one; its squared norm, per
+        # call (one group when the orchestrator streams them), feeds the gradient noise scale in step().
+        before = [None if p.grad is None else p.grad.detach().clone() for p in trainable]
         lengths = [len(rows[i]["token_ids"]) for i in selected]
         for micro in grpo.micro_batches(lengths, self.config.grpo.token_budget):
             members = [selected[j] for j in micro]
@@ -125,6 +145,7 @@ class Learner:
                 pending[key] += value
         for key, value in group_stats.items():
             pending[key] += value
+        self._part_sq_norms.append((_squared_norm(trainable, before), len({row["group_id"] for row in rows})))
         seconds = time.perf_counter() - started
         pending["seconds"] += seconds
         return {"learner/accumulate_seconds": seconds, "learner/pending_sequences": pending["sequences"]}
@@ -133,9 +154,11 @@ class Learner:
         """Apply the accumulated gradient as one optimizer step; the adapter becomes version N+1."""
         started = time.perf_counter()
         pending, self._pending = self._pending, self._new_pending()
+        parts, self._part_sq_norms = self._part_sq_norms, []
         sequence_mean = self.config.grpo.loss_aggregation == "sequence-mean"
         denominator = pending["sequences"] if sequence_mean else pending["tokens"]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        noise_metrics = self._noise_scale(parts, _squared_norm(trainable))
         grad_norm = 0.0
         if denominator > 0:
             for parameter in trainable:
@@ -167,6 +190,37 @@ class Learner:
             "groups/total": pending["groups/total"],
             "groups/zero_advantage": pending["groups/zero_advantage"],
             "groups/trained": pending["groups/trained"],
+            **noise_metrics,
+        }
+
+    def _noise_scale(self, parts: list[tuple[float, int]], total_sq_norm: float) -> dict[str, float]:
+        """Gradient noise scale in groups: how many groups a step needs before its signal beats its noise.
+
+        Per step, unbiased estimates of |G|^2 and tr(Sigma) per group (from the accumulate calls, when
+        each brought the same number of groups); the scale is the ratio of their running averages
+        (exponential, 0.9), because one step's |G|^2 estimate is too noisy to divide by.
+        """
+        sizes = {groups for _, groups in parts}
+        if len(parts) < 2 or len(sizes) != 1:
+            nan = float("nan")
+            return {
+                "learner/grad_signal_sq": nan,
+                "learner/grad_noise_trace": nan,
+                "learner/noise_scale": nan,
+            }
+        signal, noise = grpo.gradient_noise_estimates([sq for sq, _ in parts], total_sq_norm)
+        groups_per_part = sizes.pop()
+        # Both averages start at 0 and so carry the same start-up bias, which cancels in the ratio.
+        average_signal, average_noise = (
+            0.9 * a + 0.1 * b for a, b in zip(self._noise_average, (signal, noise), strict=True)
+        )
+        self._noise_average = (average_signal, average_noise)
+        return {
+            "learner/grad_signal_sq": signal / groups_per_part**2,
+            "learner/grad_noise_trace": noise / groups_per_part,
+            "learner/noise_scale": (
+                average_noise / average_signal * groups_per_part if average_signal > 0 else float("nan")
+            ),
         }
 
     @staticmethod

@@ -1,9 +1,10 @@
-"""In-process runs without Ray: evaluation of a doctor, optionally with a trained adapter."""
+"""In-process runs without Ray: doctors (the base, trained adapters) evaluated on the same held-out cases."""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -11,7 +12,6 @@ from pydantic import SecretStr
 from grpodx.config import Config, ConfigError
 from grpodx.engines.base import AdapterWeights
 from grpodx.env import make_judge, make_patient
-from grpodx.evaluation import summarize
 from grpodx.learner import ADAPTER_DIR
 from grpodx.medical.cases import eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
@@ -45,23 +45,29 @@ def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
     return AdapterWeights(version, load_peft_weights(str(directory), device="cpu"), peft_config)
 
 
-async def evaluate_locally(
-    config: Config, checkpoint: str | None = None, api_key: SecretStr | None = None
-) -> dict:
+async def evaluate_doctors(
+    config: Config, checkpoints: Sequence[str | None], api_key: SecretStr | None = None
+) -> list[list[dict]]:
+    """Episodes of each doctor (``None``: the base doctor, else a checkpoint's adapter) on the same
+    held-out cases with the same sampling seeds, so that their rewards pair up case by case."""
     source = doctor_source(config)
     patient, judge = make_patient(config, api_key), make_judge(config, api_key)
     device = best_device(config.ray.rollout_num_gpus)
     worker = RolloutWorker("eval", config, source, patient, judge, device=device)
-    if checkpoint:
-        worker.load_adapter(read_adapter(checkpoint))
-    kb = load_knowledge_base()
+    cases = eval_cases(load_knowledge_base(), config.train.eval_cases)
+    results = []
     try:
-        cases = eval_cases(kb, config.train.eval_cases)
-        episodes = await worker.evaluate(cases, None, config.train.eval_temperature)
+        for version, checkpoint in enumerate(checkpoints, start=1):
+            if checkpoint is None:
+                results.append(await worker.evaluate(cases, 0, config.train.eval_temperature))
+                continue
+            # Each adapter loads as the next version; the worker serves the newest one.
+            worker.load_adapter(read_adapter(checkpoint, version))
+            results.append(await worker.evaluate(cases, version, config.train.eval_temperature))
     finally:
         for part in (patient, judge):
             close = getattr(part, "aclose", None)
             if close is not None:
                 await close()
         await worker.engine.close()
-    return summarize(episodes, num_conditions=len(kb.conditions))
+    return results

@@ -29,7 +29,7 @@ from grpodx.batches import BatchBook
 from grpodx.config import Config, ConfigError, dump_config
 from grpodx.data.sink import ParquetSink
 from grpodx.data.trajectory import TRAJECTORY_SCHEMA
-from grpodx.evaluation import format_summary, summarize
+from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
 from grpodx.medical.cases import CaseSampler, eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.metrics import MetricsLogger, rollout_metrics
@@ -48,6 +48,8 @@ class TrainResult:
     steps: int
     eval_before: dict | None
     eval_after: dict | None
+    # After minus before on the same held-out cases and seeds (see evaluation.paired_difference).
+    eval_paired: dict | None = None
 
 
 def new_run_dir(config: Config) -> RunStorage:
@@ -346,7 +348,7 @@ class Orchestrator:
         if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
             await self._save_checkpoint(logger)
         if config.train.eval_every and self.step % config.train.eval_every == 0:
-            summary = await self.evaluate(config.train.eval_cases)
+            summary = summarize(await self.evaluate(config.train.eval_cases), len(self.kb.conditions))
             logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
         if self._on_step_end is not None:
             self._on_step_end(self.step, metrics)
@@ -389,7 +391,8 @@ class Orchestrator:
             "time/generator_idle_share": max(0.0, generator_idle),
         }
 
-    async def evaluate(self, count: int) -> dict:
+    async def evaluate(self, count: int) -> list[dict]:
+        """Episodes of the current adapter on the first ``count`` held-out cases (fixed seeds)."""
         cases = eval_cases(self.kb, count)
         slots = self.pool.ready_slots()
         parts = await asyncio.gather(
@@ -399,8 +402,7 @@ class Orchestrator:
                 if cases[i :: len(slots)]
             )
         )
-        episodes = [e for part in parts for e in part]
-        return summarize(episodes, num_conditions=len(self.kb.conditions))
+        return [e for part in parts for e in part]
 
     async def _save_checkpoint(self, logger: MetricsLogger) -> str:
         rel = f"checkpoints/step-{self.step:06d}"
@@ -429,9 +431,10 @@ class Orchestrator:
         await self._start_workers()
         sink = ParquetSink(self.storage)
         logger = MetricsLogger(self.storage)
-        eval_before = None
+        eval_before = before_episodes = None
         if config.train.eval_cases and self.step == 0:
-            eval_before = await self.evaluate(config.train.eval_cases)
+            before_episodes = await self.evaluate(config.train.eval_cases)
+            eval_before = summarize(before_episodes, num_conditions=len(self.kb.conditions))
             logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
             self._log(format_summary(eval_before, "before training"))
         bar = tqdm(
@@ -445,16 +448,26 @@ class Orchestrator:
             await self._train_loop(sink, logger, bar)
         finally:
             bar.close()
-        eval_after = None
+        eval_after = paired = None
         if config.train.eval_cases:
-            eval_after = await self.evaluate(config.train.eval_cases)
+            after_episodes = await self.evaluate(config.train.eval_cases)
+            eval_after = summarize(after_episodes, num_conditions=len(self.kb.conditions))
             logger.log(self.step, {f"eval/{k}": v for k, v in eval_after.items()})
             self._log(format_summary(eval_after, "after training"))
+            if before_episodes is not None:
+                paired = paired_difference(after_episodes, before_episodes)
+                logger.log(self.step, {f"eval_paired/{k}": v for k, v in paired.items()})
+                self._log(format_paired(paired, "after minus before"))
         logger.close()
-        result = {"steps": self.step, "eval_before": eval_before, "eval_after": eval_after}
+        result = {
+            "steps": self.step,
+            "eval_before": eval_before,
+            "eval_after": eval_after,
+            "eval_paired": paired,
+        }
         self.storage.write_text("summary.json", json.dumps(result, indent=2))
         self._log(f"run directory: {self.storage.display()}")
-        return TrainResult(self.run_dir, self.step, eval_before, eval_after)
+        return TrainResult(self.run_dir, self.step, eval_before, eval_after, paired)
 
     @property
     def workers(self) -> list:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grpodx.algo.grpo import (
+    gradient_noise_estimates,
     group_advantages,
     kl_penalty,
     micro_batches,
@@ -448,3 +449,30 @@ def test_sequence_mean_advantages_turn_token_mean_into_sequence_mean():
         per_token = -torch.minimum(ratio * advantages[i], ratio.clamp(0.8, 1.28) * advantages[i])
         expected += per_token.mean() / 3
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_gradient_noise_estimates_by_hand():
+    # Parts (1, 0), (3, 0), (2, 2): mean (2, 2/3); |x|^2 = 1, 9, 8 -> mean 6; S = (6, 2), |S|^2 = 40.
+    signal, noise = gradient_noise_estimates([1.0, 9.0, 8.0], 40.0)
+    assert signal == pytest.approx((40 - 3 * 6) / 6)  # 11/3
+    assert noise == pytest.approx(6 - 11 / 3)
+    # tr Sigma by the usual sample covariance: sum |x - mean|^2 / (k - 1) = (1 + 4/9 + 1 + 4/9 + 0 + 16/9) / 2
+    assert noise == pytest.approx((2 + 24 / 9) / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_noise_estimates([1.0], 1.0)
+
+
+def test_gradient_noise_estimates_are_unbiased():
+    """Averaged over many steps of 8 noisy parts, the estimates find the mean and the noise put in."""
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.tensor([0.3, -0.2, 0.0, 0.1] * 25)  # |G|^2 = 0.14 * 25 = 3.5
+    sigma = 0.5  # tr Sigma = 100 * 0.25 = 25
+    signals, noises = [], []
+    for _ in range(4000):
+        parts = mean + sigma * torch.randn(8, 100, generator=generator)
+        sq = (parts**2).sum(1).tolist()
+        signal, noise = gradient_noise_estimates(sq, float((parts.sum(0) ** 2).sum()))
+        signals.append(signal)
+        noises.append(noise)
+    assert sum(signals) / len(signals) == pytest.approx(3.5, rel=0.05)
+    assert sum(noises) / len(noises) == pytest.approx(25.0, rel=0.02)

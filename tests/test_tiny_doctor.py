@@ -22,9 +22,11 @@ from grpodx.dialogue import (
     parse_final_diagnosis,
     strip_reasoning,
 )
-from grpodx.local import evaluate_locally
+from grpodx.evaluation import paired_difference, summarize
+from grpodx.local import evaluate_doctors
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.models import doctor_source, load_doctor
 from grpodx.tiny.build import recipe_hash, scripted_dialogues, tiny_doctor_path
 from grpodx.tiny.scripted import ScriptedDoctor
 
@@ -122,8 +124,39 @@ def test_build_is_deterministic_and_cached(tmp_path):
 def test_warm_started_doctor_beats_random_guessing():
     """Builds the real embedded doctor (a few minutes, once per recipe) and evaluates it."""
     config = load_config("configs/tiny-cpu.yaml", ["train.eval_cases=80"])
-    summary = asyncio.run(evaluate_locally(config))
+    (episodes,) = asyncio.run(evaluate_doctors(config, [None]))
+    summary = summarize(episodes)
     random_guess = 1 / len(KB.conditions)
     assert summary["accuracy"] > 4 * random_guess, summary
     assert summary["finished"] > 0.8, summary
     assert summary["leaked"] < 0.2, summary
+
+
+@pytest.mark.slow
+def test_paired_evaluation_repeats_every_episode_of_the_same_weights(tmp_path):
+    """`grpodx eval --compare` pairs cases; that is only sound if the same weights replay each case."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    config = load_config("configs/tiny-cpu.yaml", ["train.eval_cases=24"])  # T = 0.7 (the config's)
+    model, _ = load_doctor(doctor_source(config))
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    peft_model.save_pretrained(tmp_path / "first")
+    second = shutil.copytree(tmp_path / "first", tmp_path / "second")
+    base, first, again = asyncio.run(evaluate_doctors(config, [None, str(tmp_path / "first"), str(second)]))
+
+    def replay(episodes):
+        return [(e["case_id"], e["diagnosis"], e["turns"], e["reward"]) for e in episodes]
+
+    assert replay(first) == replay(again)
+    paired = paired_difference(first, again)
+    assert paired["cases"] == 24 and paired["reward_diff"] == 0 and paired["better"] == paired["worse"] == 0
+    # The adapter is really applied: the base doctor plays some of the cases differently.
+    assert replay(first) != replay(base)

@@ -50,6 +50,9 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     result = orchestrator.train()
     run_dir = result.run_dir
     assert result.steps == 2
+    # Before and after played the same 4 held-out cases with the same seeds, paired case by case.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_paired"] == result.eval_paired and result.eval_paired["cases"] == 4
 
     # The adapter version advanced on every worker, to the learner's version.
     versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.pool.slots.values()])
@@ -96,6 +99,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert resumed.run_dir == run_dir
     result = resumed.train()
     assert result.steps == 3
+    assert result.eval_before is None and result.eval_paired is None  # no "before" for a resumed run
     versions = ray.get([s.handle.adapter_versions.remote() for s in resumed.pool.slots.values()])
     assert all(max(v) == 3 for v in versions)
     resumed.shutdown()

@@ -241,3 +241,21 @@ def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def gradient_noise_estimates(part_sq_norms: Sequence[float], total_sq_norm: float) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr Sigma)`` from the squared norms of k independent gradient parts and of their sum.
+
+    With parts ``x_1 .. x_k`` drawn i.i.d. with mean G and covariance Sigma (here: one GRPO group's summed
+    gradient each) and ``S = x_1 + .. + x_k``, ``E|x_c|^2 = |G|^2 + tr Sigma`` and ``E|S|^2 = k^2 |G|^2 +
+    k tr Sigma``, so ``|G|^2 = (|S|^2 - k mean|x_c|^2) / (k (k - 1))`` and ``tr Sigma = mean|x_c|^2 - |G|^2``.
+    Only norms are needed, never the parts themselves. ``tr Sigma / |G|^2`` is the gradient noise scale
+    (McCandlish et al., 2018): the number of parts per step at which a step's noise equals its signal.
+    One step's estimates are noisy, |G|^2 can come out negative: average over steps before the ratio.
+    """
+    k = len(part_sq_norms)
+    if k < 2:
+        raise ValueError(f"need at least 2 gradient parts to separate signal from noise, got {k}")
+    mean_part = sum(part_sq_norms) / k
+    signal = (total_sq_norm - k * mean_part) / (k * (k - 1))
+    return signal, mean_part - signal
