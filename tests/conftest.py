@@ -36,3 +36,22 @@ def save_random_doctor(directory, tokenizer, config: TinyDoctorConfig):
 def small_model_dir(tmp_path_factory, small_tokenizer):
     config = TinyDoctorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=3)
     return save_random_doctor(tmp_path_factory.mktemp("small-doctor"), small_tokenizer, config)
+
+
+def save_perturbed_adapter(directory, model_dir, seed: int, scale: float = 1.0):
+    """A LoRA on ``model_dir`` with random B matrices (a fresh one is zero and changes nothing), saved
+    by peft like a checkpoint's adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpodx.models import load_doctor
+
+    model, _ = load_doctor(str(model_dir))
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    peft_model.save_pretrained(directory)
+    return directory

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from grpodx.cli import app
+from tests.conftest import save_perturbed_adapter
 
 RUNNER = CliRunner()
 
@@ -44,27 +45,8 @@ def test_missing_checkpoint_is_named(tmp_path):
     assert "load-checkpoint" in result.output
 
 
-def _save_adapter(directory, small_model_dir, seed: int):
-    """A LoRA with non-zero B matrices (a fresh one changes nothing), saved by peft."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from grpodx.models import load_doctor
-
-    model, _ = load_doctor(str(small_model_dir))
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    peft_model.save_pretrained(directory)
-    return directory
-
-
 def test_eval_compare_prints_both_doctors_and_the_paired_difference(small_model_dir, tmp_path):
-    adapter = _save_adapter(tmp_path / "adapter", small_model_dir, seed=1)
+    adapter = save_perturbed_adapter(tmp_path / "adapter", small_model_dir, seed=1)
     args = ["eval", "--cases", "6", "--temperature", "0.7", f"model.name={small_model_dir}"]
     args += ["episode.max_turns=2", "--checkpoint", str(adapter), "--compare", "base"]
     result = RUNNER.invoke(app, args)

@@ -26,9 +26,10 @@ from grpodx.evaluation import paired_difference, summarize
 from grpodx.local import evaluate_doctors
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
-from grpodx.models import doctor_source, load_doctor
+from grpodx.models import doctor_source
 from grpodx.tiny.build import recipe_hash, scripted_dialogues, tiny_doctor_path
 from grpodx.tiny.scripted import ScriptedDoctor
+from tests.conftest import save_perturbed_adapter
 
 KB = load_knowledge_base()
 
@@ -137,18 +138,8 @@ def test_paired_evaluation_repeats_every_episode_of_the_same_weights(tmp_path):
     """`grpodx eval --compare` pairs cases; that is only sound if the same weights replay each case."""
     import shutil
 
-    from peft import LoraConfig, get_peft_model
-
     config = load_config("configs/tiny-cpu.yaml", ["train.eval_cases=24"])  # T = 0.7 (the config's)
-    model, _ = load_doctor(doctor_source(config))
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    peft_model.save_pretrained(tmp_path / "first")
+    save_perturbed_adapter(tmp_path / "first", doctor_source(config), seed=0, scale=0.05)
     second = shutil.copytree(tmp_path / "first", tmp_path / "second")
     base, first, again = asyncio.run(evaluate_doctors(config, [None, str(tmp_path / "first"), str(second)]))
 
