@@ -348,7 +348,7 @@ class Orchestrator:
         if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
             await self._save_checkpoint(logger)
         if config.train.eval_every and self.step % config.train.eval_every == 0:
-            summary = summarize(await self.evaluate(config.train.eval_cases), len(self.kb.conditions))
+            summary = self._summarize(await self.evaluate(config.train.eval_cases))
             logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
         if self._on_step_end is not None:
             self._on_step_end(self.step, metrics)
@@ -404,6 +404,9 @@ class Orchestrator:
         )
         return [e for part in parts for e in part]
 
+    def _summarize(self, episodes: list[dict]) -> dict:
+        return summarize(episodes, num_conditions=len(self.kb.conditions))
+
     async def _save_checkpoint(self, logger: MetricsLogger) -> str:
         rel = f"checkpoints/step-{self.step:06d}"
         # The next run starts at the first group of batch `step`: its case is this sampler position.
@@ -434,7 +437,7 @@ class Orchestrator:
         eval_before = before_episodes = None
         if config.train.eval_cases and self.step == 0:
             before_episodes = await self.evaluate(config.train.eval_cases)
-            eval_before = summarize(before_episodes, num_conditions=len(self.kb.conditions))
+            eval_before = self._summarize(before_episodes)
             logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
             self._log(format_summary(eval_before, "before training"))
         bar = tqdm(
@@ -451,7 +454,7 @@ class Orchestrator:
         eval_after = paired = None
         if config.train.eval_cases:
             after_episodes = await self.evaluate(config.train.eval_cases)
-            eval_after = summarize(after_episodes, num_conditions=len(self.kb.conditions))
+            eval_after = self._summarize(after_episodes)
             logger.log(self.step, {f"eval/{k}": v for k, v in eval_after.items()})
             self._log(format_summary(eval_after, "after training"))
             if before_episodes is not None:
