@@ -26,6 +26,7 @@ from grpodx.models import best_device, load_doctor, lora_target_modules
 
 LEARNER_STATE_FILE = "learner_state.pt"
 ADAPTER_DIR = "adapter"
+PLAIN_OUTPUT_LAYER = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3"})
 
 
 def _squared_norm(parameters: list[torch.Tensor], minus: list[torch.Tensor | None] | None = None) -> float:
@@ -72,6 +73,9 @@ class Learner:
             "task_type": "CAUSAL_LM",
         }
         self.model = get_peft_model(base, LoraConfig(**self.peft_config))
+        # Architectures whose logits are exactly lm_head(last hidden state); the others (Gemma-2's
+        # soft-capped logits, say) take the model's own forward.
+        self._output_layer_on_loss_tokens = base.config.model_type in PLAIN_OUTPUT_LAYER
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=config.grpo.lr, weight_decay=config.grpo.weight_decay
@@ -274,9 +278,7 @@ class Learner:
         loss_mask, behaviour = loss_mask.to(self.device), behaviour.to(self.device)
         advantage = torch.tensor(advantages, dtype=torch.float32, device=self.device)
 
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-        logprobs = grpo.sequence_logprobs(logits, input_ids, self.temperature)
-        del logits
+        logprobs = self._loss_token_logprobs(input_ids, attention, loss_mask)
         loss, stats = grpo.policy_loss(
             logprobs,
             behaviour,
@@ -290,9 +292,7 @@ class Learner:
         kl_value = 0.0
         if self.config.grpo.kl_coef > 0:
             with torch.no_grad(), self.model.disable_adapter():
-                ref_logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-                ref_logprobs = grpo.sequence_logprobs(ref_logits, input_ids, self.temperature)
-                del ref_logits
+                ref_logprobs = self._loss_token_logprobs(input_ids, attention, loss_mask)
             if self.config.grpo.loss_aggregation == "sequence-mean":
                 # Each episode's mean KL, summed; step() divides by the episode count.
                 kl = sum(
@@ -315,6 +315,27 @@ class Learner:
             "masked_by_cap": float(stats["masked_by_cap"]),
             "micro_batches": 1.0,
         }
+
+    def _loss_token_logprobs(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, T] logprobs of the tokens in ``loss_mask`` (0.0 at the others; nothing reads them).
+
+        Where the output layer is a plain linear map of the last hidden state, it runs only at the
+        positions that predict a loss token: in a dialogue most tokens are the prompt's and the patient's,
+        and the vocabulary-sized layer is the largest part of a small model's compute (about 40% of the
+        tiny doctor's) and, on Phi-4, of the learner's activation memory.
+        """
+        if not self._output_layer_on_loss_tokens:
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+            return grpo.sequence_logprobs(logits, input_ids, self.temperature)
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        predicts = loss_mask[:, 1:]  # position t - 1 predicts token t
+        logits = base.get_output_embeddings()(hidden[:, :-1][predicts])
+        values = grpo.target_logprobs(logits, input_ids[:, 1:][predicts], self.temperature)
+        positions = torch.cat([torch.zeros_like(loss_mask[:, :1]), predicts], dim=1)
+        return values.new_zeros(input_ids.shape).masked_scatter(positions, values)
 
     @torch.no_grad()
     def token_logprobs(self, token_ids: list[int], adapter: bool = True) -> list[float]:

@@ -37,21 +37,46 @@ def _perturbed_adapter(small_model_dir, version: int, scale: float = 0.5) -> Ada
 
 def test_sample_next_tokens_greedy_and_logprob():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]])
-    noise = torch.ones_like(logits)
-    tokens, logprobs = sample_next_tokens(logits, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), noise)
+    uniform = torch.tensor([0.99, 0.0])
+    tokens, logprobs = sample_next_tokens(logits, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), uniform)
     assert tokens.tolist() == [1, 2]
     assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
+
+
+def test_inverse_cdf_draws_follow_the_tempered_distribution():
+    """Each token is drawn as often as its probability at the row's temperature says (20,000 draws per
+    row: a frequency off by more than 0.015 is > 4 standard errors)."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).repeat(2, 1)
+    temperature = torch.tensor([1.0, 0.5])
+    expected = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1)
+    counts = torch.zeros_like(expected)
+    uniforms = torch.rand((20_000, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for uniform in uniforms:
+        tokens, _ = sample_next_tokens(logits, temperature, torch.ones(2), uniform)
+        counts[torch.arange(2), tokens] += 1
+    assert torch.allclose(counts / len(uniforms), expected, atol=0.015)
+    assert counts[:, 4].sum() == 0  # probability 0 is never drawn
+    # The ends of [0, 1) land on the first and the last token that has any probability.
+    edges = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)
+    tokens, _ = sample_next_tokens(logits, torch.ones(2), torch.ones(2), edges)
+    assert tokens.tolist() == [0, 3]
 
 
 def test_top_p_restricts_choices_but_not_the_recorded_logprob():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
     seen = set()
     for seed in range(200):
-        noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(seed))
-        token, logprob = sample_next_tokens(logits, torch.tensor([1.0]), torch.tensor([0.5]), noise)
+        uniform = torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        token, logprob = sample_next_tokens(logits, torch.tensor([1.0]), torch.tensor([0.5]), uniform)
         seen.add(token.item())
         assert logprob.item() == pytest.approx(torch.log(torch.tensor(0.6)).item(), abs=1e-6)
     assert seen == {0}
+    # At 0.8 the two likeliest tokens stay, in proportion 0.6 : 0.3.
+    draws = [
+        sample_next_tokens(logits, torch.tensor([1.0]), torch.tensor([0.8]), torch.tensor([u]))[0].item()
+        for u in torch.linspace(0, 0.999, 1000).tolist()
+    ]
+    assert set(draws) == {0, 1} and draws.count(0) == pytest.approx(667, abs=2)
 
 
 def test_engine_logprobs_match_a_full_forward(small_model_dir):

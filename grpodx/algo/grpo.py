@@ -91,29 +91,41 @@ def sequence_mean_advantages(advantages: Tensor, loss_token_counts: Tensor) -> T
     return advantages.float() * scale
 
 
+def target_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[target]`` along the last dimension, in float32.
+
+    ``logits`` is [..., V] and ``targets`` its leading shape. Computed as ``gathered logit - logsumexp``
+    so that only one float32 copy of the logits is ever built (a full ``log_softmax`` would add a
+    second one). The temperature must match the sampler's, otherwise the importance ratio against the
+    sampler's log-probs is biased.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"expected logits [..., V] for targets {tuple(targets.shape)}, got {tuple(logits.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits
+    if scaled.dtype != torch.float32 or temperature != 1.0:
+        # copy=True so the in-place division never writes into the caller's logits.
+        scaled = scaled.to(torch.float32, copy=True)
+        if temperature != 1.0:
+            scaled.div_(temperature)
+    return scaled.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
 def sequence_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each token given the tokens before it: [B, T] float32, position 0 is 0.0.
 
     Position t holds ``log softmax(logits[:, t-1] / temperature)[input_ids[t]]``; the first token has no
-    prediction. The temperature must match the sampler's, otherwise the importance ratio against the
-    sampler's log-probs is biased. Computed as ``gathered logit - logsumexp`` in float32 so that only one
-    float32 [B, T-1, V] tensor is ever built (a full ``log_softmax`` would add a second one).
+    prediction (see :func:`target_logprobs`).
     """
     if logits.dim() != 3 or input_ids.dim() != 2 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
             f"expected logits [B, T, V] and input_ids [B, T], got {tuple(logits.shape)} "
             f"and {tuple(input_ids.shape)}"
         )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    scaled = logits[:, :-1]
-    if scaled.dtype != torch.float32 or temperature != 1.0:
-        # copy=True so the in-place division never writes into the caller's logits.
-        scaled = scaled.to(torch.float32, copy=True)
-        if temperature != 1.0:
-            scaled.div_(temperature)
-    targets = input_ids[:, 1:].long().unsqueeze(-1)
-    token_logprobs = scaled.gather(-1, targets).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    token_logprobs = target_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
     first = token_logprobs.new_zeros(input_ids.shape[0], 1)
     return torch.cat([first, token_logprobs], dim=1)
 

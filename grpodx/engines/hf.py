@@ -20,27 +20,43 @@ from grpodx.engines.base import AdapterWeights, Generation, GenerationEngine, Sa
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, noise: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return it with its logprob under the temperature-scaled distribution.
 
-    ``noise`` holds Exp(1) draws of the same shape as ``logits``: ``argmax(p / noise)`` samples from
-    ``p`` exactly, and lets each row bring its own seeded noise. Temperature 0 means greedy, and the
-    logprob is then the raw model's. Top-p truncation changes which tokens can be drawn but not the
-    recorded logprob, so that the learner, which has no top-p, scores the same quantity.
+    ``uniform`` holds one U[0, 1) draw per row: the token is where it falls in the row's cumulative
+    distribution (inverse-CDF sampling, exact), so each row brings its own seeded randomness with one
+    number, not one per vocabulary entry. Temperature 0 means greedy, and the logprob is then the raw
+    model's. Top-p truncation changes which tokens can be drawn but not the recorded logprob, so that
+    the learner, which has no top-p, scores the same quantity; rows without it skip the vocabulary sort.
     """
     logits = logits.float()
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
     logprobs = torch.log_softmax(scaled, dim=-1)
     probs = logprobs.exp()
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p.unsqueeze(-1)
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    sampled = torch.where(keep, probs, torch.zeros_like(probs)).div(noise).argmax(dim=-1)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # The kept tokens are a prefix of the sorted row; the first is always kept.
+        weights = torch.where(mass_before < top_p.unsqueeze(-1), sorted_probs, torch.zeros_like(sorted_probs))
+        position = _inverse_cdf(weights, uniform)
+        sampled = order.gather(-1, position.unsqueeze(-1)).squeeze(-1)
+    else:
+        sampled = _inverse_cdf(probs, uniform)
     tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index per row drawn with probability proportional to ``weights`` (>= 0, a positive one per row)."""
+    # float64: over a 100k vocabulary a float32 running sum drifts enough to shift rare tokens' odds.
+    cdf = weights.double().cumsum(dim=-1)
+    target = (uniform.double().to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # u * total can round up to the total itself; never step past the last token with weight.
+    last_positive = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last_positive)
 
 
 @dataclass
@@ -193,10 +209,15 @@ class HFEngine(GenerationEngine):
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True
         )
-        for _ in range(max(budget)):
+        # Every row's draws for the whole turn at once, from its own generator: a seeded request samples
+        # the same tokens whatever batch it shares.
+        uniforms = torch.zeros((size, max(budget)), dtype=torch.float64)
+        for row, request in enumerate(batch):
+            generator = request.generator or self._generator
+            uniforms[row, : budget[row]] = torch.rand(budget[row], generator=generator, dtype=torch.float64)
+        for index in range(max(budget)):
             logits = out.logits[:, -1, :]
-            noise = self._noise(batch, logits.shape[-1]).to(self.device)
-            tokens, logprobs = sample_next_tokens(logits, temperature, top_p, noise)
+            tokens, logprobs = sample_next_tokens(logits, temperature, top_p, uniforms[:, index])
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()
             for row, request in enumerate(batch):
                 if done[row]:
@@ -215,9 +236,3 @@ class HFEngine(GenerationEngine):
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-
-    def _noise(self, batch: list[_Request], vocab: int) -> torch.Tensor:
-        noise = torch.empty((len(batch), vocab))
-        for row, request in enumerate(batch):
-            noise[row].exponential_(generator=request.generator or self._generator)
-        return noise.clamp_min_(1e-10)
