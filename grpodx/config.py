@@ -69,6 +69,10 @@ class SamplingConfig(_Section):
 class EngineConfig(_Section):
     kind: Literal["hf", "vllm"] = "hf"
     max_batch_size: int = Field(64, ge=1)
+    # Transformers engine: a batch waits for requests that keep arriving within batch_gap_ms of each
+    # other, up to batch_wait_ms, because a running batch takes no new ones (vLLM's does).
+    batch_gap_ms: float = Field(10.0, ge=0.0)
+    batch_wait_ms: float = Field(100.0, ge=0.0)
     # vLLM settings; ignored by the transformers engine.
     max_model_len: int = 2048
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)

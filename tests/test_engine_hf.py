@@ -154,3 +154,33 @@ def test_adapter_versions_change_outputs_and_requests_keep_theirs(small_model_di
     assert tuned.token_ids != base.token_ids
     assert finished.adapter_version == 1 and finished.token_ids == tuned.token_ids
     assert base_again.token_ids == base.token_ids
+
+
+@pytest.mark.parametrize(
+    ("gap_s", "wait_s", "expected_batches"), [(0.0, 0.0, 4), (0.05, 0.5, 1), (0.05, 0.012, 2)]
+)
+def test_a_batch_waits_for_requests_that_keep_arriving(small_model_dir, gap_s, wait_s, expected_batches):
+    """Turns arrive a few milliseconds apart (each after its own patient reply): with a gap they share
+    one batch, without one the first starts alone; the wait caps how long a batch is held open."""
+    engine, tokenizer = _engine(small_model_dir)
+    engine.batch_gap_s, engine.batch_wait_s = gap_s, wait_s
+    sizes = []
+    decode = engine._decode
+
+    def counting_decode(batch):
+        sizes.append(len(batch))
+        decode(batch)
+
+    engine._decode = counting_decode
+    prompt = tokenizer.encode("<|im_start|>user<|im_sep|>fever<|im_end|><|im_start|>assistant<|im_sep|>")
+
+    async def staggered():
+        async def arrive(delay, seed):
+            await asyncio.sleep(delay)
+            return await engine.generate(prompt, SamplingParams(max_new_tokens=4, seed=seed))
+
+        return await asyncio.gather(*(arrive(0.01 * i, i) for i in range(4)))
+
+    results = asyncio.run(staggered())
+    assert len(sizes) == expected_batches and sum(sizes) == 4
+    assert all(len(r.token_ids) == 4 for r in results)

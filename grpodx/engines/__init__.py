@@ -19,6 +19,8 @@ def create_engine(config: Config, model_source: str, device, seed: int = 0) -> G
             pad_token_id=tokenizer.pad_token_id or 0,
             max_batch_size=config.engine.max_batch_size,
             seed=seed,
+            batch_gap_s=config.engine.batch_gap_ms / 1000,
+            batch_wait_s=config.engine.batch_wait_ms / 1000,
         )
     if config.engine.kind == "vllm":
         return _create_vllm_engine(config, model_source, seed)
