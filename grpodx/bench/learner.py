@@ -117,8 +117,12 @@ def synthetic_trajectories(
 
 
 @contextlib.contextmanager
-def phase_timer(model: torch.nn.Module) -> Iterator[dict[str, float]]:
-    """Seconds spent in ``model``'s forward passes (with and without gradients) and in ``backward``."""
+def phase_timer(*modules: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """Seconds spent in the forward passes of ``modules`` (with and without gradients) and in ``backward``.
+
+    Pass modules that never call one another: the learner runs the decoder and the output layer
+    separately (the output layer only where a loss token is predicted), so the two are timed apart.
+    """
     times: dict[str, float] = defaultdict(float)
     began: list[float] = []
 
@@ -138,7 +142,11 @@ def phase_timer(model: torch.nn.Module) -> Iterator[dict[str, float]]:
         finally:
             times["backward"] += time.perf_counter() - started
 
-    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    hooks = [
+        hook
+        for m in modules
+        for hook in (m.register_forward_pre_hook(before), m.register_forward_hook(after))
+    ]
     torch.Tensor.backward = timed_backward  # only for the timed block: Learner calls loss.backward()
     try:
         yield times
@@ -159,7 +167,8 @@ def time_steps(learner, table: pa.Table, repeats: int) -> dict[str, list[float]]
     _sync(learner.device)
     measured: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):
-        with phase_timer(learner.model.get_base_model()) as phases:
+        base = learner.model.get_base_model()
+        with phase_timer(base.get_decoder(), base.get_output_embeddings()) as phases:
             started = time.perf_counter()
             metrics = learner.train_step(table)
             _sync(learner.device)
