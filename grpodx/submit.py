@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import secrets
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -220,7 +222,8 @@ class JobRunner:
 
     def follow(self, poll_s: float = 0.5, settle_s: float = 60.0) -> int:
         try:
-            asyncio.run(self._tail())
+            if self._stream_logs():
+                return self.on_interrupt()
         except KeyboardInterrupt:
             return self.on_interrupt()
         except Exception as exc:
@@ -233,6 +236,39 @@ class JobRunner:
         except KeyboardInterrupt:
             return self.on_interrupt()
         return self.on_finished(status)
+
+    def _stream_logs(self) -> bool:
+        """Copy the job's logs here until they end (False) or the user presses Ctrl-C (True).
+
+        Ctrl-C is caught by a handler of our own while the logs stream, not left to ``asyncio.run``,
+        which turns it into a cancellation of the log task only when the default handler is installed
+        and then depends on the websocket read passing the cancellation on: a Ctrl-C was once lost that
+        way, and the job ran to its end.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            asyncio.run(self._tail())  # signal handlers can only be set in the main thread
+            return False
+        pressed = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.set())
+        try:
+            return asyncio.run(self._tail_until(pressed))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    async def _tail_until(self, pressed: threading.Event) -> bool:
+        tail = asyncio.ensure_future(self._tail())
+        while not tail.done():
+            if pressed.is_set():
+                tail.cancel()
+                await asyncio.wait({tail}, timeout=2.0)
+                if not tail.done():
+                    # The stream held on to the cancellation; it ends when the job does, so stop the job
+                    # now rather than wait for it to finish by itself (asyncio.run waits for the task).
+                    await asyncio.to_thread(self.client.stop_job, self.job_id)
+                return True
+            await asyncio.wait({tail}, timeout=0.1)
+        tail.result()  # a broken log stream is reported by follow()
+        return False
 
     def on_finished(self, status: str | None) -> int:
         if status is None:

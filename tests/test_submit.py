@@ -354,7 +354,15 @@ def test_a_failing_job_gives_a_nonzero_exit_code(jobs_api):
     assert "about to fail" in output and "failed" in output
 
 
-def test_ctrl_c_stops_the_job(jobs_api):
+@pytest.mark.parametrize("installed", ["default", "a library's"])
+def test_ctrl_c_stops_the_job(jobs_api, installed):
+    """Whatever SIGINT handler the process had (a library may have replaced Python's default one, and
+    then asyncio.run does not turn Ctrl-C into a cancellation), Ctrl-C while the logs stream stops the
+    job, and the handler is the same one afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    if installed != "default":
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+    previous = signal.getsignal(signal.SIGINT)
     interrupted = []
 
     def press_ctrl_c_once_running(shown: str) -> None:
@@ -366,7 +374,11 @@ def test_ctrl_c_stops_the_job(jobs_api):
     script = "import time; print('job is running', flush=True); time.sleep(120)"
     entrypoint = shlex.join(["python", "-c", script])
     started = time.monotonic()
-    code = submit_training(jobs_api, [], entrypoint=entrypoint, stream=stream)
+    try:
+        code = submit_training(jobs_api, [], entrypoint=entrypoint, stream=stream)
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        signal.signal(signal.SIGINT, before)
     output = stream.getvalue()
     assert code == 130, output
     assert "interrupted: stopping job" in output and "is stopped" in output
