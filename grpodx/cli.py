@@ -204,16 +204,52 @@ def evaluate(
 
 
 @app.command("build-tiny")
-def build_tiny(config: ConfigOption = Path("configs/tiny-cpu.yaml"), overrides: Overrides = None) -> None:
-    """Build (or find in the cache) the warm-started tiny doctor and print its directory."""
+def build_tiny(
+    config: ConfigOption = Path("configs/tiny-cpu.yaml"),
+    overrides: Overrides = None,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="build from the recipe even if the doctor is shipped or cached, then compare it with "
+            "the shipped one",
+        ),
+    ] = False,
+    ship: Annotated[
+        bool,
+        typer.Option("--ship", help="with --rebuild: replace the doctor shipped in grpodx/tiny/doctor/"),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="with --rebuild: where to build (default: the cache)")
+    ] = None,
+) -> None:
+    """Find the warm-started tiny doctor (shipped with the package, or built once per recipe into the
+    cache) and print its directory; --rebuild builds it again from its recipe."""
     try:
         cfg = _load(config, overrides, {})
     except ConfigError as exc:
         _fail(str(exc))
         return
-    from grpodx.models import doctor_source
+    if (ship or out) and not rebuild:
+        _fail("--ship and --out apply to a rebuild; add --rebuild")
+    if not rebuild:
+        from grpodx.models import doctor_source
 
-    typer.echo(doctor_source(cfg))
+        typer.echo(doctor_source(cfg))
+        return
+    from grpodx.tiny import build
+
+    wanted = build.recipe_hash(cfg.model, cfg.episode)
+    target = build.SHIPPED_DIR if ship else out or build.cache_root(cfg.model) / f"tiny-doctor-{wanted}"
+    shipped = build.shipped_recipe()
+    # Kept aside before a --ship overwrites it, to say what changed.
+    reference = build.snapshot(build.SHIPPED_DIR) if shipped and shipped["recipe_hash"] == wanted else None
+    build.rebuild(cfg.model, cfg.episode, target)
+    typer.echo(f"built {target} (recipe {wanted})")
+    if reference is None:
+        typer.echo("the shipped doctor has another recipe; nothing to compare with")
+        return
+    typer.echo(build.compare(reference, build.snapshot(target)))
 
 
 @app.command()

@@ -34,10 +34,17 @@ class TinyDoctorConfig(_Section):
     intermediate_size: int = 384
     vocab_size: int = 3000
     max_position_embeddings: int = 1024
-    warmstart_dialogues: int = 5000
-    warmstart_epochs: int = 6
+    warmstart_dialogues: int = 40000
+    warmstart_epochs: int = 1
     warmstart_batch_size: int = 32
     warmstart_lr: float = 2e-3
+    # Share of the scripted resident's questions that separate its two leading candidates (the rest
+    # confirm the leading one); see grpodx/tiny/scripted.py.
+    separate_share: float = Field(0.35, ge=0.0, le=1.0)
+    # Share of warm-start dialogues of a fixed length (1 to max_turns - 1 questions), whose go-on-or-
+    # stop plan words carry no loss: the resident stops early, so without them the doctor would hardly
+    # ever see four answers, and would conclude worse from more evidence than from less.
+    coverage_share: float = Field(0.5, ge=0.0, le=1.0)
     seed: int = 1234
 
 
@@ -150,6 +157,11 @@ class GRPOConfig(_Section):
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.28, ge=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
+    # Leave groups whose rewards are all equal out of the step entirely: their policy gradient is zero,
+    # but with kl_coef > 0 each of their episodes would still cost a reference forward, a forward and a
+    # backward for the KL term alone (about half of the tiny doctor's groups). Their tokens then leave
+    # the token mean too, as in DAPO's dynamic sampling; the KL is estimated on the other groups.
+    skip_tied_groups: bool = False
     # token-mean: every doctor token of the batch weighs the same; sequence-mean: every episode does.
     loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
     lr: float = Field(5e-6, gt=0.0)
@@ -170,6 +182,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     # 0 = greedy evaluation, so before/after figures do not move with sampling noise.
     eval_temperature: float = Field(0.0, ge=0.0)
+    # Also evaluate greedily (same cases) before and after training, when eval_temperature > 0: a gain
+    # at the sampling temperature alone may be sharpening, one in the greedy doctor is not.
+    eval_greedy: bool = False
     # How many versions behind the learner a group may start (0 = strictly on-policy).
     max_staleness: int = Field(0, ge=0)
     # Later turns of an episode sample from the newest adapter the worker serves by then (only matters

@@ -26,10 +26,38 @@ def summarize(episodes: Sequence[dict], num_conditions: int | None = None) -> di
         "mean_turns": mean([float(e["turns"]) for e in valid]),
         "finished": mean([float(e["finished"]) for e in valid]),
         "leaked": mean([float(e["leaked"]) for e in valid]),
+        **interview_summary(valid),
     }
     if num_conditions:
         summary["random_guess_accuracy"] = 1.0 / num_conditions
     return summary
+
+
+def interview_summary(episodes: Sequence[dict]) -> dict[str, float]:
+    """How well the doctor asked and concluded, by the exact posterior (:mod:`grpodx.medical.bayes`).
+
+    ``information_gain``: nats of expected information its questions gathered per episode;
+    ``information_per_question``: the same per question (pooled); ``evidence_right``: share of
+    episodes whose answers point to the hidden condition; ``follows_evidence``: share of diagnoses
+    that name the condition the doctor's own answers point to.
+    """
+    assessed = [e for e in episodes if e.get("questions") is not None]
+    if not assessed:
+        return {}
+    questions = sum(e["questions"] for e in assessed)
+    gain = sum(e["information_gain"] for e in assessed)
+    concluded = [e for e in assessed if e.get("diagnosis") is not None]
+    return {
+        "questions": questions / len(assessed),
+        "information_gain": gain / len(assessed),
+        "information_per_question": gain / questions if questions else float("nan"),
+        "evidence_right": sum(bool(e["evidence_right"]) for e in assessed) / len(assessed),
+        "follows_evidence": (
+            sum(bool(e["follows_evidence"]) for e in concluded) / len(concluded)
+            if concluded
+            else float("nan")
+        ),
+    }
 
 
 def paired_difference(after: Sequence[dict], before: Sequence[dict]) -> dict[str, float]:
@@ -80,4 +108,11 @@ def format_summary(summary: dict[str, float], title: str = "evaluation") -> str:
     lines.append(f"  mean turns        {summary['mean_turns']:.2f}")
     lines.append(f"  final diagnosis   {summary['finished']:.3f}")
     lines.append(f"  reasoning leaked  {summary['leaked']:.3f}")
+    if "questions" in summary:
+        lines.append(
+            f"  questions         {summary['questions']:.2f} "
+            f"({summary['information_per_question']:.3f} nats each, {summary['information_gain']:.3f} in all)"
+        )
+        lines.append(f"  evidence right    {summary['evidence_right']:.3f}  (answers point to the condition)")
+        lines.append(f"  follows evidence  {summary['follows_evidence']:.3f}  (names what answers point to)")
     return "\n".join(lines)

@@ -115,9 +115,12 @@ class Learner:
             ["group_id", "reward", "valid", "token_ids", "loss_mask", "behaviour_logprobs"]
         )
         rows = columns.to_pylist()
-        advantages, group_stats = self._advantages(rows)
+        advantages, group_stats, tied = self._advantages(rows)
         use_kl = self.config.grpo.kl_coef > 0
         trained = [i for i, a in enumerate(advantages) if a is not None]
+        if self.config.grpo.skip_tied_groups:
+            # Out of the batch entirely, as if never sampled (DAPO's dynamic-sampling filter).
+            trained = [i for i in trained if rows[i]["group_id"] not in tied]
         # A zero-advantage episode adds nothing to the policy gradient, so it is not computed, but its
         # tokens still count in the batch's mean, as they would in a batch computed whole.
         selected = [i for i in trained if advantages[i] != 0.0 or use_kl]
@@ -231,20 +234,21 @@ class Learner:
     def _new_pending() -> defaultdict[str, float]:
         return defaultdict(float)
 
-    def _advantages(self, rows: list[dict]) -> tuple[list[float | None], dict[str, float]]:
-        """Advantage per row (None for rows excluded: failed episodes, groups with < 2 valid)."""
+    def _advantages(self, rows: list[dict]) -> tuple[list[float | None], dict[str, float], set[str]]:
+        """Advantage per row (None for rows excluded: failed episodes, groups with < 2 valid), the
+        group metrics, and the ids of the tied groups (all rewards equal, so all advantages zero)."""
         groups: dict[str, list[int]] = defaultdict(list)
         for index, row in enumerate(rows):
             if row["valid"]:
                 groups[row["group_id"]].append(index)
         advantages: list[float | None] = [None] * len(rows)
-        zero_groups = 0
-        for members in groups.values():
+        tied: set[str] = set()
+        for group_id, members in groups.items():
             if len(members) < 2:
                 continue
             rewards = torch.tensor([rows[i]["reward"] for i in members], dtype=torch.float32)
             if bool(grpo.zero_advantage_groups(rewards, len(members))[0]):
-                zero_groups += 1
+                tied.add(group_id)
             values = grpo.group_advantages(
                 rewards,
                 len(members),
@@ -254,11 +258,12 @@ class Learner:
             for i, value in zip(members, values.tolist(), strict=True):
                 advantages[i] = value
         all_groups = {row["group_id"] for row in rows}
-        return advantages, {
+        stats = {
             "groups/total": float(len(all_groups)),
-            "groups/zero_advantage": float(zero_groups),
-            "groups/trained": float(len([m for m in groups.values() if len(m) >= 2]) - zero_groups),
+            "groups/zero_advantage": float(len(tied)),
+            "groups/trained": float(len([m for m in groups.values() if len(m) >= 2]) - len(tied)),
         }
+        return advantages, stats, tied
 
     def _backward(self, rows: list[dict], advantages: list[float]) -> dict[str, float]:
         """Backpropagate the summed (not yet normalised) loss of one micro-batch."""

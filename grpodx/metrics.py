@@ -52,7 +52,47 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
         "time/generation_per_episode": mean("generation_s", table),
         "time/patient_per_episode": mean("patient_s", table),
         "time/judge_per_episode": mean("judge_s", table),
+        **interview_metrics(valid),
     }
+
+
+def interview_metrics(valid: pa.Table) -> dict[str, float]:
+    """The step's questions and conclusions by the exact posterior (see evaluation.interview_summary)."""
+    from grpodx.evaluation import interview_summary
+
+    columns = ["questions", "information_gain", "evidence_right", "follows_evidence", "diagnosis"]
+    summary = interview_summary(valid.select(columns).to_pylist())
+    metrics = {f"interview/{key}": value for key, value in summary.items()}
+    if summary:
+        rows = valid.select(["group_id", "information_gain", "reward"]).to_pylist()
+        metrics["interview/information_reward_correlation"] = within_group_correlation(
+            rows, "information_gain", "reward"
+        )
+    return metrics
+
+
+def within_group_correlation(rows: list[dict], x: str, y: str) -> float:
+    """Mean over groups of the Pearson correlation of ``x`` and ``y`` between a group's episodes.
+
+    Within a group the case is fixed, so this asks whether, for the same patient, the episodes that
+    gathered more information scored more: the condition for GRPO to reward better questions. Groups
+    where either quantity does not vary are left out; NaN when none is left.
+    """
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row[x] is not None and row[y] is not None:
+            groups.setdefault(row["group_id"], []).append((float(row[x]), float(row[y])))
+    correlations = []
+    for pairs in groups.values():
+        n = len(pairs)
+        if n < 2:
+            continue
+        mean_x, mean_y = sum(p[0] for p in pairs) / n, sum(p[1] for p in pairs) / n
+        cov = sum((a - mean_x) * (b - mean_y) for a, b in pairs)
+        var_x, var_y = sum((a - mean_x) ** 2 for a, _ in pairs), sum((b - mean_y) ** 2 for _, b in pairs)
+        if var_x > 1e-12 and var_y > 1e-12:
+            correlations.append(cov / math.sqrt(var_x * var_y))
+    return sum(correlations) / len(correlations) if correlations else float("nan")
 
 
 class MetricsLogger:

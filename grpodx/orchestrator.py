@@ -348,8 +348,9 @@ class Orchestrator:
         if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
             await self._save_checkpoint(logger)
         if config.train.eval_every and self.step % config.train.eval_every == 0:
-            summary = self._summarize(await self.evaluate(config.train.eval_cases))
-            logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
+            for prefix, temperature in self._evaluation_modes():
+                summary = self._summarize(await self.evaluate(config.train.eval_cases, temperature))
+                logger.log(self.step, {f"{prefix}/{k}": v for k, v in summary.items()})
         if self._on_step_end is not None:
             self._on_step_end(self.step, metrics)
 
@@ -391,21 +392,48 @@ class Orchestrator:
             "time/generator_idle_share": max(0.0, generator_idle),
         }
 
-    async def evaluate(self, count: int) -> list[dict]:
-        """Episodes of the current adapter on the first ``count`` held-out cases (fixed seeds)."""
+    async def evaluate(self, count: int, temperature: float | None = None) -> list[dict]:
+        """Episodes of the current adapter on the first ``count`` held-out cases (fixed seeds), at
+        ``temperature`` (default ``train.eval_temperature``)."""
+        if temperature is None:
+            temperature = self.config.train.eval_temperature
         cases = eval_cases(self.kb, count)
         slots = self.pool.ready_slots()
         parts = await asyncio.gather(
             *(
-                slot.handle.evaluate.remote(cases[i :: len(slots)], None, self.config.train.eval_temperature)
+                slot.handle.evaluate.remote(cases[i :: len(slots)], None, temperature)
                 for i, slot in enumerate(slots)
                 if cases[i :: len(slots)]
             )
         )
         return [e for part in parts for e in part]
 
+    def _evaluation_modes(self) -> list[tuple[str, float]]:
+        """(metrics prefix, temperature) of the held-out evaluations before and after training."""
+        modes = [("eval", self.config.train.eval_temperature)]
+        if self.config.train.eval_greedy and self.config.train.eval_temperature > 0:
+            modes.append(("eval_greedy", 0.0))
+        return modes
+
     def _summarize(self, episodes: list[dict]) -> dict:
         return summarize(episodes, num_conditions=len(self.kb.conditions))
+
+    def _log_evaluation(
+        self, logger: MetricsLogger, prefix: str, temperature: float, episodes: list[dict], when: str
+    ) -> dict:
+        summary = self._summarize(episodes)
+        logger.log(self.step, {f"{prefix}/{k}": v for k, v in summary.items()})
+        self._log(format_summary(summary, f"{when} (T = {temperature:g})"))
+        return summary
+
+    def _write_learning_curve(self) -> None:
+        """The PNG of the run's curves; a plotting failure is reported, never fatal to a finished run."""
+        from grpodx.plots import write_learning_curve
+
+        try:
+            self._log(f"learning curve: {write_learning_curve(self.storage)}")
+        except Exception as exc:  # noqa: BLE001
+            self._log(f"could not draw the learning curve ({type(exc).__name__}: {exc})")
 
     async def _save_checkpoint(self, logger: MetricsLogger) -> str:
         rel = f"checkpoints/step-{self.step:06d}"
@@ -434,12 +462,11 @@ class Orchestrator:
         await self._start_workers()
         sink = ParquetSink(self.storage)
         logger = MetricsLogger(self.storage)
-        eval_before = before_episodes = None
+        before: dict[str, list[dict]] = {}
         if config.train.eval_cases and self.step == 0:
-            before_episodes = await self.evaluate(config.train.eval_cases)
-            eval_before = self._summarize(before_episodes)
-            logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
-            self._log(format_summary(eval_before, "before training"))
+            for prefix, temperature in self._evaluation_modes():
+                before[prefix] = await self.evaluate(config.train.eval_cases, temperature)
+                self._log_evaluation(logger, prefix, temperature, before[prefix], "before training")
         bar = tqdm(
             total=config.train.max_steps,
             initial=self.step,
@@ -451,25 +478,31 @@ class Orchestrator:
             await self._train_loop(sink, logger, bar)
         finally:
             bar.close()
-        eval_after = paired = None
+        result: dict = {"steps": self.step}
         if config.train.eval_cases:
-            after_episodes = await self.evaluate(config.train.eval_cases)
-            eval_after = self._summarize(after_episodes)
-            logger.log(self.step, {f"eval/{k}": v for k, v in eval_after.items()})
-            self._log(format_summary(eval_after, "after training"))
-            if before_episodes is not None:
-                paired = paired_difference(after_episodes, before_episodes)
-                logger.log(self.step, {f"eval_paired/{k}": v for k, v in paired.items()})
-                self._log(format_paired(paired, "after minus before"))
+            for prefix, temperature in self._evaluation_modes():
+                after = await self.evaluate(config.train.eval_cases, temperature)
+                summary = self._log_evaluation(logger, prefix, temperature, after, "after training")
+                result[f"{prefix}_after"] = summary
+                if prefix in before:
+                    result[f"{prefix}_before"] = self._summarize(before[prefix])
+                    paired = paired_difference(after, before[prefix])
+                    logger.log(self.step, {f"{prefix}_paired/{k}": v for k, v in paired.items()})
+                    self._log(format_paired(paired, f"after minus before (T = {temperature:g})"))
+                    result[f"{prefix}_paired"] = paired
         logger.close()
-        result = {
+        summary_json = {
             "steps": self.step,
-            "eval_before": eval_before,
-            "eval_after": eval_after,
-            "eval_paired": paired,
+            "eval_before": result.get("eval_before"),
+            "eval_after": result.get("eval_after"),
+            "eval_paired": result.get("eval_paired"),
+            **{key: value for key, value in result.items() if key.startswith("eval_greedy")},
         }
-        self.storage.write_text("summary.json", json.dumps(result, indent=2))
+        self.storage.write_text("summary.json", json.dumps(summary_json, indent=2))
+        self._write_learning_curve()
         self._log(f"run directory: {self.storage.display()}")
+        eval_before, eval_after = result.get("eval_before"), result.get("eval_after")
+        paired = result.get("eval_paired")
         return TrainResult(self.run_dir, self.step, eval_before, eval_after, paired)
 
     @property

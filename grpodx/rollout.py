@@ -182,7 +182,7 @@ class RolloutWorker:
 
 
 def episode_summary(result: EpisodeResult) -> dict:
-    verdict = result.verdict
+    verdict, assessment = result.verdict, result.assessment
     return {
         "case_id": result.case.case_id,
         "condition": result.case.condition,
@@ -192,6 +192,10 @@ def episode_summary(result: EpisodeResult) -> dict:
         "reward": result.reward.total if result.reward else None,
         "judge_score": verdict.score if verdict else None,
         "turns": result.turns,
+        "questions": assessment.questions if assessment else None,
+        "information_gain": assessment.information_gain if assessment else None,
+        "evidence_right": assessment.evidence_right if assessment else None,
+        "follows_evidence": assessment.follows_evidence if assessment else None,
         "finished": result.diagnosis is not None,
         "leaked": result.malformed_turns > 0,
         "valid": result.valid,

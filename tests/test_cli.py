@@ -61,3 +61,27 @@ def test_eval_compare_needs_two_different_doctors():
     result = RUNNER.invoke(app, ["eval", "--compare", "base"])
     assert result.exit_code == 2
     assert "--checkpoint" in result.output
+
+
+def test_build_tiny_finds_the_shipped_doctor_and_rebuilds_on_request(tmp_path, monkeypatch):
+    from grpodx.tiny.build import SHIPPED_DIR
+
+    monkeypatch.setenv("GRPODX_CACHE", str(tmp_path / "cache"))
+    result = RUNNER.invoke(app, ["build-tiny"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(SHIPPED_DIR)
+    # --ship and --out only mean something with --rebuild.
+    result = RUNNER.invoke(app, ["build-tiny", "--ship"])
+    assert result.exit_code == 2 and "--rebuild" in result.output
+    # Another recipe rebuilds into --out; there is no shipped doctor of that recipe to compare with.
+    small = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64"]
+    small += [
+        "model.tiny.vocab_size=600",
+        "model.tiny.warmstart_dialogues=32",
+        "model.tiny.warmstart_batch_size=16",
+    ]
+    small += ["model.tiny.warmstart_epochs=1"]
+    result = RUNNER.invoke(app, ["build-tiny", "--rebuild", "--out", str(tmp_path / "doctor"), *small])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "doctor" / "model.safetensors").is_file()
+    assert "nothing to compare with" in result.output

@@ -58,3 +58,35 @@ def test_paired_difference_is_tighter_than_the_difference_of_summaries():
 def test_paired_difference_without_common_cases():
     paired = paired_difference([_episode("a", 1.0)], [_episode("b", 0.0)])
     assert paired["cases"] == 0 and math.isnan(paired["reward_diff"])
+
+
+def test_interview_summary_pools_information_per_question():
+    from grpodx.evaluation import interview_summary
+
+    keys = ("questions", "information_gain", "evidence_right", "follows_evidence", "diagnosis")
+    episodes = [
+        dict(zip(keys, (2, 1.0, True, True, "A"), strict=True)),
+        dict(zip(keys, (0, 0.0, False, False, None), strict=True)),
+        dict(zip(keys, (1, 0.5, True, False, "B"), strict=True)),
+        dict.fromkeys(keys),  # a failed episode: not assessed
+    ]
+    summary = interview_summary(episodes)
+    assert summary["questions"] == 1.0 and summary["information_gain"] == 0.5
+    assert summary["information_per_question"] == 0.5  # 1.5 nats over 3 questions, not a mean of means
+    assert summary["evidence_right"] == 2 / 3
+    assert summary["follows_evidence"] == 0.5  # of the two episodes that concluded
+
+
+def test_within_group_correlation_by_hand():
+    from grpodx.metrics import within_group_correlation
+
+    rows = [
+        *({"group_id": "a", "x": x, "y": 2 * x + 1} for x in (0.0, 1.0, 2.0)),  # +1
+        *({"group_id": "b", "x": x, "y": -x} for x in (0.0, 3.0)),  # -1
+        *({"group_id": "c", "x": 1.0, "y": y} for y in (0.0, 1.0)),  # x constant: left out
+        {"group_id": "d", "x": 5.0, "y": 1.0},  # a single episode: left out
+    ]
+    assert within_group_correlation(rows, "x", "y") == pytest.approx(0.0)
+    rows[3]["y"], rows[4]["y"] = 0.0, 1.0  # group b now rises too
+    assert within_group_correlation(rows, "x", "y") == pytest.approx(1.0)
+    assert math.isnan(within_group_correlation(rows[5:], "x", "y"))

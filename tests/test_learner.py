@@ -306,3 +306,35 @@ def test_noise_scale_comes_from_each_groups_own_gradient(small_model_dir):
     assert metrics["learner/grad_noise_trace"] == pytest.approx(noise, rel=1e-4)
     # The first averaged step: the ratio of the two estimates, in groups.
     assert metrics["learner/noise_scale"] == pytest.approx(noise / signal, rel=1e-3)
+
+
+def test_skipping_tied_groups_is_training_on_the_others_alone(small_model_dir):
+    """With a KL term, a tied group (all rewards equal) still pulls towards the reference unless it is
+    skipped; skipped, a batch with one is exactly the batch without it, and it costs no computation."""
+    settings = {"grpo.kl_coef": 0.5, "grpo.skip_tied_groups": "true"}
+    vectors, metrics = [], []
+    for rewards in ([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5], [1, 0, 0, 1]):
+        torch.manual_seed(0)
+        learner = Learner(_config(**settings), str(small_model_dir), device="cpu")
+        reference = Learner(_config(), str(small_model_dir), device="cpu")
+        # The policy must differ from the reference for the KL to pull at all: perturb the adapter.
+        with torch.no_grad():
+            for name, parameter in learner.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(0.05)
+        rows = _rows(rewards, 4, reference)
+        metrics.append(learner.train_step(_table(rows)))
+        vectors.append(_adapter_vector(learner))
+    assert torch.equal(vectors[0], vectors[1])
+    assert metrics[0]["groups/zero_advantage"] == 1.0 and metrics[0]["learner/sequences_computed"] == 4
+    assert metrics[0]["learner/tokens"] == metrics[1]["learner/tokens"] == 4 * 5
+    # Without skipping, the tied group's KL term changes the update.
+    torch.manual_seed(0)
+    learner = Learner(_config(**{"grpo.kl_coef": 0.5}), str(small_model_dir), device="cpu")
+    with torch.no_grad():
+        for name, parameter in learner.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    kept = learner.train_step(_table(_rows([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5], 4, reference)))
+    assert kept["learner/sequences_computed"] == 8
+    assert not torch.equal(_adapter_vector(learner), vectors[0])

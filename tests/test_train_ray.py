@@ -45,14 +45,23 @@ def _config(model_dir, run_dir, max_steps, *extra):
 
 
 def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
-    config = _config(small_model_dir, tmp_path, max_steps=2)
+    greedy_too = ["train.eval_temperature=0.7", "train.eval_greedy=true"]
+    config = _config(small_model_dir, tmp_path, 2, *greedy_too)
     orchestrator = Orchestrator(config, progress=False)
     result = orchestrator.train()
     run_dir = result.run_dir
     assert result.steps == 2
-    # Before and after played the same 4 held-out cases with the same seeds, paired case by case.
+    # Before and after played the same 4 held-out cases with the same seeds, paired case by case, at
+    # the sampling temperature and greedily.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_paired"] == result.eval_paired and result.eval_paired["cases"] == 4
+    assert summary["eval_greedy_paired"]["cases"] == 4
+    assert summary["eval_greedy_before"]["episodes"] == summary["eval_greedy_after"]["episodes"] == 4
+    assert "information_per_question" in summary["eval_after"]
+    # The learning curve is drawn at the end, from metrics.jsonl.
+    from matplotlib.image import imread
+
+    assert imread(run_dir / "learning_curve.png").shape[0] > 500
 
     # The adapter version advanced on every worker, to the learner's version.
     versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.pool.slots.values()])
@@ -75,10 +84,19 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
         assert all(lp == 0.0 for lp, m in zip(logprobs, mask, strict=True) if not m)
         assert all(lp <= 0.0 for lp in logprobs)
 
+    # What the exact posterior makes of each interview, with its questions counted the same way.
+    for row in frame.itertuples():
+        assert row.questions == row.turns - (row.diagnosis is not None), row
+        assert row.information_gain >= 0 and row.evidence_right in (True, False)
+
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "reward/mean" in line]
     assert [line["step"] for line in steps] == [1, 2]
+    assert [line["step"] for line in lines if "eval_greedy/mean_reward" in line] == [0, 2]
     for key in (
+        "interview/questions",
+        "interview/information_per_question",
+        "interview/evidence_right",
         "groups/zero_advantage",
         "time/weight_push",
         "time/step",
@@ -184,6 +202,7 @@ def test_pipelined_run_respects_staleness_and_writes_to_a_uri(ray_session, small
     assert [line["step"] for line in steps] == [1, 2, 3, 4]
     assert all(line["staleness/max"] <= 1 for line in steps)
     assert all(line["groups/lost"] == 0 and line["groups/duplicates_total"] == 0 for line in steps)
+    assert (run_dir / "learning_curve.png").is_file()  # written through the URI's filesystem
 
     resumed = Orchestrator(
         _config(small_model_dir, f"file://{tmp_path}", 5, *overrides),

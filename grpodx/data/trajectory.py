@@ -39,6 +39,11 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("format_errors", pa.int32()),
         pa.field("reasoning_leaks", pa.int32()),
         pa.field("turns", pa.int32()),
+        # What the case generator's exact posterior makes of the interview (grpodx.medical.bayes).
+        pa.field("questions", pa.int32()),
+        pa.field("information_gain", pa.float32()),
+        pa.field("evidence_right", pa.bool_()),
+        pa.field("follows_evidence", pa.bool_()),
         pa.field("truncated", pa.bool_()),
         pa.field("valid", pa.bool_()),
         pa.field("error", pa.string()),
@@ -71,7 +76,7 @@ def to_record_batch(episodes: Sequence[tuple[EpisodeTag, EpisodeResult]]) -> pa.
 
 
 def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
-    verdict, reward = result.verdict, result.reward
+    verdict, reward, assessment = result.verdict, result.reward, result.assessment
     return {
         "step": tag.step,
         "group_id": tag.group_id,
@@ -95,6 +100,10 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "format_errors": reward.format_errors if reward else 0,
         "reasoning_leaks": result.malformed_turns,
         "turns": result.turns,
+        "questions": assessment.questions if assessment else None,
+        "information_gain": assessment.information_gain if assessment else None,
+        "evidence_right": assessment.evidence_right if assessment else None,
+        "follows_evidence": assessment.follows_evidence if assessment else None,
         "truncated": result.truncated,
         "valid": result.valid,
         "error": result.error,

@@ -18,6 +18,7 @@ from grpodx.engines.base import GenerationEngine, SamplingParams
 from grpodx.env.judge import Judge, Verdict
 from grpodx.env.patient import Message, Patient
 from grpodx.env.reward import RewardParts, compute_reward
+from grpodx.medical.bayes import InterviewAssessment, assess_interview
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase
 
@@ -38,6 +39,7 @@ class EpisodeResult:
     truncated: bool = False
     verdict: Verdict | None = None
     reward: RewardParts | None = None
+    assessment: InterviewAssessment | None = None
     error: str | None = None
     generation_s: float = 0.0
     patient_s: float = 0.0
@@ -55,6 +57,11 @@ class EpisodeResult:
     @property
     def num_doctor_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    def questions_asked(self) -> list[str]:
+        """The visible doctor turns before the diagnosis."""
+        turns = [m.text for m in self.history if m.role == "doctor"]
+        return turns[:-1] if self.diagnosis is not None else turns
 
     def transcript(self, with_reasoning: bool) -> str:
         """The conversation as text; without reasoning it is exactly what the patient and judge saw."""
@@ -130,6 +137,7 @@ class EpisodeRunner:
             final_text=result.final_text,
             malformed_turns=result.malformed_turns,
         )
+        result.assessment = assess_interview(self.kb, case, result.questions_asked(), result.diagnosis)
         return result
 
     async def _converse(

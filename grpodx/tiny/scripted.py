@@ -1,23 +1,46 @@
-"""The scripted doctor whose dialogues warm-start the tiny model.
+"""The scripted resident whose dialogues warm-start the tiny doctor.
 
 It reasons with the exact Bayes posterior of the case generator (``cases.symptom_probability``):
-uniform prior over conditions, demographics, the chief complaint, then one likelihood per answer.
-Its questions are deliberately imperfect (often the most informative symptom, sometimes a plausible
-but weaker one, and a random number of them), so the warm-started doctor is competent but leaves
-room for reinforcement learning to ask better and conclude better.
+uniform prior over conditions, demographics, the chief complaint, then one likelihood per answer. Its
+conclusions are sound; its *habits* are a resident's, and they are what reinforcement learning is
+there to change:
+
+- **Which question.** Most of the time it asks for the commonest symptom of its leading candidate
+  ("Confirm X"), which often fits the runner-up just as well; only ``separate_share`` of its
+  questions ask what tells its two leading candidates apart ("Separate them"). With four questions
+  of the second kind the exact posterior names the right condition in about 81% of held-out cases,
+  with the first kind about 74%.
+- **When to conclude.** After its first question it concludes with probability equal to its
+  confidence in the leading candidate, so it often stops at 60-70% certainty; each further question
+  would still have paid (about 0.66 mean reward for its habits against 0.82 for always separating
+  and asking four questions, with exact inference; ``/docs/results.md``).
+
+Each habit is one word of its reasoning, written right after the two leading candidates:
+``<reason>Asked rash: no. So far: cough yes, rash no. Consider X or Y. Separate them.</reason> Do you
+have …?``, ``… Confirm X.</reason> Do you have …?`` or ``… Conclude X.</reason> Final diagnosis: X.``. The
+tiny doctor learns the whole dialogue by imitation, so its plan word carries the resident's mix, and
+GRPO can move that one decision with a clear credit signal: the plan is the lever, the question that
+follows it was learned by imitation.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from grpodx.dialogue import REASON_CLOSE, REASON_OPEN
 from grpodx.env.patient import ScriptedPatient
-from grpodx.medical.cases import CaseCard, symptom_probability
+from grpodx.medical.bayes import bayes_model
+from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase
+
+PLAN_CONFIRM = "Confirm"
+PLAN_SEPARATE = "Separate"
+PLAN_CONCLUDE = "Conclude"
+# Share of a coverage interview's questions asked about any symptom at all (see ScriptedDoctor.dialogue).
+COVERAGE_OFF_TARGET_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -25,145 +48,161 @@ class ScriptedDialogue:
     case: CaseCard
     messages: list[tuple[str, str]]  # (role, content) in chat-template roles: user / assistant / system
     diagnosis: str
-
-
-class BayesModel:
-    """Posterior over the knowledge base's conditions given what the patient said."""
-
-    def __init__(self, kb: KnowledgeBase):
-        self.kb = kb
-        self.symptom_ids = [s.id for s in kb.symptoms]
-        self.askable = [s.id for s in kb.symptoms if s.kind == "symptom"]
-        self._column = {sid: i for i, sid in enumerate(self.symptom_ids)}
-        # Clipped away from 0 and 1 so one surprising answer lowers a condition instead of ruling it out.
-        self.likelihood = np.clip(
-            np.array([[symptom_probability(c, sid) for sid in self.symptom_ids] for c in kb.conditions]),
-            1e-4,
-            1 - 1e-4,
-        )
-
-    def log_prior(self, case: CaseCard) -> np.ndarray:
-        """Evidence the doctor has before asking: age, sex and the chief complaint."""
-        scores = []
-        for condition in self.kb.conditions:
-            demo = condition.demographics
-            if not demo.min_age <= case.age <= demo.max_age or demo.sex not in ("any", case.sex):
-                scores.append(-np.inf)
-                continue
-            if case.chief_complaint not in condition.chief_complaints:
-                scores.append(-np.inf)
-                continue
-            score = -np.log(demo.max_age - demo.min_age + 1) - np.log(len(condition.chief_complaints))
-            scores.append(score + (0.0 if demo.sex == "any" else np.log(2.0)))
-        return np.array(scores)
-
-    def update(self, log_post: np.ndarray, symptom_id: str, present: bool) -> np.ndarray:
-        column = self.likelihood[:, self._column[symptom_id]]
-        return log_post + np.log(column if present else 1.0 - column)
-
-    @staticmethod
-    def normalise(log_post: np.ndarray) -> np.ndarray:
-        shifted = np.exp(log_post - log_post.max())
-        return shifted / shifted.sum()
-
-    def information_gain(self, log_post: np.ndarray, symptom_id: str) -> float:
-        post = self.normalise(log_post)
-        column = self.likelihood[:, self._column[symptom_id]]
-        p_yes = float(post @ column)
-
-        def entropy(p: np.ndarray) -> float:
-            p = p[p > 0]
-            return float(-(p * np.log(p)).sum())
-
-        after = 0.0
-        for answer_prob, weights in ((p_yes, post * column), (1 - p_yes, post * (1 - column))):
-            if answer_prob > 1e-12:
-                after += answer_prob * entropy(weights / weights.sum())
-        return entropy(post) - after
+    plans: tuple[str, ...] = ()  # the plan word of each doctor turn
+    # Message index -> (start, end): characters of that message's content the warm start does not
+    # learn from (in a coverage interview, the plan words and questions; see ScriptedDoctor.dialogue).
+    unlearned: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class ScriptedDoctor:
-    def __init__(
-        self, kb: KnowledgeBase, best_question_share: float = 0.6, last_turn_notice: str | None = None
-    ):
+    """The resident: sound inference, a confirmation habit and a hasty stop (module docstring)."""
+
+    def __init__(self, kb: KnowledgeBase, separate_share: float = 0.35, last_turn_notice: str | None = None):
+        if not 0.0 <= separate_share <= 1.0:
+            raise ValueError(f"separate_share must be in [0, 1], got {separate_share}")
         self.kb = kb
         self.last_turn_notice = last_turn_notice
-        self.model = BayesModel(kb)
+        self.model = bayes_model(kb)
         self.patient = ScriptedPatient(kb)
-        self.best_question_share = best_question_share
+        self.separate_share = separate_share
 
     def top_conditions(self, log_post: np.ndarray, k: int) -> list[str]:
         order = np.argsort(-log_post, kind="stable")[:k]
         return [self.kb.conditions[i].name for i in order if np.isfinite(log_post[i])]
 
-    def choose_question(self, log_post: np.ndarray, asked: set[str], rng: random.Random) -> str | None:
+    def confirming_question(self, leading: str, asked: set[str]) -> str | None:
+        """The commonest symptom of the leading candidate not asked yet."""
         options = [sid for sid in self.model.askable if sid not in asked]
         if not options:
             return None
-        if rng.random() < self.best_question_share:
-            return max(options, key=lambda sid: self.model.information_gain(log_post, sid))
-        plausible = {
-            sid
-            for name in self.top_conditions(log_post, 3)
-            for sid in self.kb.condition(name).symptoms
-            if sid in options
-        }
-        return rng.choice(sorted(plausible or options))
+        return max(options, key=lambda sid: self.model.probability(leading, sid))  # first of ties
 
-    def dialogue(self, case: CaseCard, rng: random.Random, max_turns: int = 5) -> ScriptedDialogue:
+    def separating_question(self, first: str, second: str, asked: set[str]) -> str | None:
+        """The symptom whose frequency differs most between the two leading candidates."""
+        options = [sid for sid in self.model.askable if sid not in asked]
+        if not options:
+            return None
+        probability = self.model.probability
+        return max(options, key=lambda sid: abs(probability(first, sid) - probability(second, sid)))
+
+    def plan(self, log_post: np.ndarray, questions_asked: int, last_turn: bool, rng: random.Random) -> str:
+        if last_turn:
+            return PLAN_CONCLUDE
+        # Concludes with probability equal to its confidence, but never before one question.
+        if questions_asked > 0 and rng.random() < float(self.model.normalise(log_post).max()):
+            return PLAN_CONCLUDE
+        return self.question_plan(rng)
+
+    def question_plan(self, rng: random.Random, separate_share: float | None = None) -> str:
+        share = self.separate_share if separate_share is None else separate_share
+        return PLAN_SEPARATE if rng.random() < share else PLAN_CONFIRM
+
+    def dialogue(
+        self, case: CaseCard, rng: random.Random, max_turns: int = 5, questions: int | None = None
+    ) -> ScriptedDialogue:
+        """One interview of ``case`` with the resident's habits.
+
+        With ``questions`` it is a *coverage* interview of exactly that many questions, for the warm
+        start to learn concluding from long dialogues without learning to ask more: the plan words and
+        questions, which are not the resident's choices there, are marked unlearned (only its
+        restatement and candidates are learned), and a third of the questions are any symptom at all,
+        so that the doctor also learns to reason after the off-target questions it will ask itself.
+        """
+        if questions is not None and not 0 < questions < max_turns:
+            raise ValueError(f"questions must be in [1, {max_turns - 1}], got {questions}")
         log_post = self.model.log_prior(case)
         messages = [("user", self.patient.opening_text(case))]
         evidence = Evidence(self.kb, present=[case.chief_complaint])
-        for _ in range(rng.randint(1, max_turns - 1)):
-            symptom_id = self.choose_question(log_post, evidence.asked(), rng)
+        plans: list[str] = []
+        unlearned: dict[int, tuple[int, int]] = {}
+        for turn in range(max_turns):
+            candidates = self.top_conditions(log_post, 2)
+            last_turn = turn == max_turns - 1
+            coverage = questions is not None and not last_turn
+            if not coverage:
+                plan = self.plan(log_post, turn, last_turn, rng)
+            else:
+                plan = PLAN_CONCLUDE if turn == questions else self.question_plan(rng, 0.5)
+            symptom_id = None
+            if plan == PLAN_SEPARATE and len(candidates) == 2:
+                symptom_id = self.separating_question(candidates[0], candidates[1], evidence.asked())
+            elif plan != PLAN_CONCLUDE:
+                plan = PLAN_CONFIRM
+                symptom_id = self.confirming_question(candidates[0], evidence.asked())
+            if coverage and symptom_id is not None and rng.random() < COVERAGE_OFF_TARGET_SHARE:
+                symptom_id = rng.choice([s for s in self.model.askable if s not in evidence.asked()])
             if symptom_id is None:
+                plan = PLAN_CONCLUDE
+            plans.append(plan)
+            thought, (start, end) = reasoning(evidence.summary(), candidates, plan)
+            if plan == PLAN_CONCLUDE:
+                if coverage:
+                    unlearned[len(messages)] = (start, end)  # only the word: what follows is sound
+                messages.append(("assistant", thought + " " + final_answer(self.kb, candidates[0])))
                 break
-            phrase = self.kb.symptom(symptom_id).phrase
-            candidates = " or ".join(self.top_conditions(log_post, 2))
-            thought = f"{REASON_OPEN}{evidence.summary()} Consider {candidates}.{REASON_CLOSE}"
-            messages.append(("assistant", f"{thought} Do you have {phrase}?"))
-            answer = self.patient.reply_text(case, f"Do you have {phrase}?")
-            messages.append(("user", answer))
+            question = f"Do you have {self.kb.symptom(symptom_id).phrase}?"
+            if coverage:
+                unlearned[len(messages)] = (start, len(thought) + 1 + len(question))
+            messages.append(("assistant", f"{thought} {question}"))
+            messages.append(("user", self.patient.reply_text(case, question)))
             present = symptom_id in case.present
             log_post = self.model.update(log_post, symptom_id, present)
             evidence.add(symptom_id, present)
-        diagnosis = self.top_conditions(log_post, 1)[0]
-        if self.last_turn_notice and len(messages) == 2 * max_turns - 1:
-            messages.append(("system", self.last_turn_notice))
-        messages.append(("assistant", final_turn(self.kb, diagnosis, evidence.summary())))
-        return ScriptedDialogue(case=case, messages=messages, diagnosis=diagnosis)
+            if self.last_turn_notice and turn == max_turns - 2:
+                messages.append(("system", self.last_turn_notice))
+        return ScriptedDialogue(case, messages, candidates[0], tuple(plans), unlearned)
+
+
+def reasoning(evidence: str, candidates: list[str], plan: str) -> tuple[str, tuple[int, int]]:
+    """The hidden reasoning of one turn: the evidence, the two leading candidates, the plan word; and
+    where the plan word is, with the space before it (where a token starts)."""
+    head = f"{REASON_OPEN}{evidence} Consider {' or '.join(candidates)}."
+    step = {PLAN_CONFIRM: f" {candidates[0]}.", PLAN_SEPARATE: " them."}.get(plan, f" {candidates[0]}.")
+    return f"{head} {plan}{step}{REASON_CLOSE}", (len(head), len(head) + 1 + len(plan))
 
 
 class Evidence:
     """What the patient has said so far, restated in every reasoning block.
 
-    A 1.4 M-parameter doctor cannot gather answers scattered over the whole dialogue reliably; with
-    the evidence rewritten next to each conclusion, each answer is one copy away from where the
-    conclusion is drawn, so the warm-started doctor's diagnosis actually depends on its questions
-    (which is what gives reinforcement learning something to improve: which questions, how many).
+    A tiny doctor cannot gather answers scattered over the whole dialogue reliably; with the evidence
+    rewritten next to each conclusion, each answer is one copy away from where the conclusion is
+    drawn, so the warm-started doctor's diagnosis actually depends on its questions (which is what
+    gives reinforcement learning something to improve: which questions, how many).
+
+    The form is chosen for copying: the block opens with the answer just heard ("Asked fever: no."),
+    then every answer so far in the order heard ("So far: cough yes, rash no, fever no."), which is
+    the previous block's list with the new answer appended. Two lists split by yes and no (the
+    earlier form) made a 1.4 M-parameter doctor lose its place: after four answers it restated them
+    correctly in under 5% of its own dialogues, repeating items and moving them between the lists.
     """
 
     def __init__(self, kb: KnowledgeBase, present: list[str]):
         self.kb = kb
-        self.present = list(present)
-        self.absent: list[str] = []
+        self.answers: list[tuple[str, bool]] = [(symptom_id, True) for symptom_id in present]
+        self.heard_any = False
 
     def add(self, symptom_id: str, present: bool) -> None:
-        (self.present if present else self.absent).append(symptom_id)
+        self.answers.append((symptom_id, present))
+        self.heard_any = True
 
     def asked(self) -> set[str]:
-        return {*self.present, *self.absent}
+        return {symptom_id for symptom_id, _ in self.answers}
+
+    def item(self, symptom_id: str, present: bool) -> str:
+        return f"{self.kb.symptom(symptom_id).keywords[0]} {'yes' if present else 'no'}"
 
     def summary(self) -> str:
-        def names(ids: list[str]) -> str:
-            return ", ".join(self.kb.symptom(sid).keywords[0] for sid in ids) if ids else "none"
+        so_far = "So far: " + ", ".join(self.item(*answer) for answer in self.answers) + "."
+        if not self.heard_any:
+            return so_far
+        symptom_id, present = self.answers[-1]
+        return f"Asked {self.kb.symptom(symptom_id).keywords[0]}: {'yes' if present else 'no'}. {so_far}"
 
-        return f"Yes: {names(self.present)}. No: {names(self.absent)}."
 
-
-def final_turn(kb: KnowledgeBase, diagnosis: str, evidence: str) -> str:
+def final_answer(kb: KnowledgeBase, diagnosis: str) -> str:
+    """The visible final turn: the diagnosis and the next steps it calls for."""
     steps = [step.name for step in kb.condition(diagnosis).next_steps]
-    text = f"{REASON_OPEN}{evidence} Most likely {diagnosis}.{REASON_CLOSE} Final diagnosis: {diagnosis}."
+    text = f"Final diagnosis: {diagnosis}."
     if steps:
         text += " Next steps: " + ", ".join(steps) + "."
     return text
