@@ -181,13 +181,15 @@ class Learner:
         self.version += 1
         micro_count = max(1.0, pending["micro_batches"])
         norm = max(1.0, denominator)
+        # With every group tied and skipped no token was computed: there is no ratio to average.
+        computed = pending["micro_batches"] > 0
         return {
             "learner/loss": pending["loss"] / norm,
             "learner/kl": pending["kl"] / norm,
             "learner/grad_norm": grad_norm,
             "learner/lr": self.scheduler.get_last_lr()[0],
-            "learner/clip_fraction": pending["clip_fraction"] / micro_count,
-            "learner/ratio_mean": pending["ratio_mean"] / micro_count,
+            "learner/clip_fraction": pending["clip_fraction"] / micro_count if computed else float("nan"),
+            "learner/ratio_mean": pending["ratio_mean"] / micro_count if computed else float("nan"),
             "learner/ratio_max": pending["ratio_max"],
             "learner/masked_by_cap": pending["masked_by_cap"],
             "learner/tokens": float(pending["tokens"]),

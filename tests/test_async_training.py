@@ -65,7 +65,10 @@ def test_off_policy_run_trains_to_a_comparable_reward(ray_session, tmp_path):
     # where Adam's first update moves every weight by about lr, once saw 12). So: every step's mean
     # ratio near 1, the typical step's largest ratio small, and a loose cap on every step. Ratios
     # against a wrong version would grow with the steps instead.
-    assert all(abs(line["learner/ratio_mean"] - 1) < 0.02 for line in off_policy)
+    # (A step whose groups were all tied computed no token, and so has no ratio: skipped here.)
+    computed = [line for line in off_policy if line["learner/sequences_computed"] > 0]
+    assert len(computed) >= STEPS // 2
+    assert all(abs(line["learner/ratio_mean"] - 1) < 0.02 for line in computed)
     assert statistics.median(line["learner/ratio_max"] for line in off_policy[2:]) < 3
     assert all(line["learner/ratio_max"] < 50 for line in off_policy)
     assert all(line["episodes/reasoning_leaks"] <= 0.1 for line in off_policy)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import pytest
 import torch
@@ -338,3 +340,8 @@ def test_skipping_tied_groups_is_training_on_the_others_alone(small_model_dir):
     kept = learner.train_step(_table(_rows([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5], 4, reference)))
     assert kept["learner/sequences_computed"] == 8
     assert not torch.equal(_adapter_vector(learner), vectors[0])
+    # A batch of tied groups alone computes nothing and says so (no ratio), instead of a ratio of 0.
+    learner = Learner(_config(**settings), str(small_model_dir), device="cpu")
+    empty = learner.train_step(_table(_rows([0.5, 0.5, 0.5, 0.5], 4, reference)))
+    assert empty["learner/sequences_computed"] == 0 and empty["learner/grad_norm"] == 0.0
+    assert math.isnan(empty["learner/ratio_mean"]) and math.isnan(empty["learner/clip_fraction"])

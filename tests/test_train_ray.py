@@ -86,7 +86,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
 
     # What the exact posterior makes of each interview, with its questions counted the same way.
     for row in frame.itertuples():
-        assert row.questions == row.turns - (row.diagnosis is not None), row
+        assert row.questions == row.turns - pd.notna(row.diagnosis), row
         assert row.information_gain >= 0 and row.evidence_right in (True, False)
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

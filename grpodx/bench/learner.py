@@ -258,7 +258,9 @@ def run(ctx: BenchContext) -> BenchResult:
     from grpodx.learner import Learner
 
     sizes = SIZES[ctx.scale]
-    config = ctx.config
+    # Every group trained, tied or not: what is timed is the learner's work per doctor token, and a
+    # small step of real episodes can tie all its groups (the default skips those, timing nothing).
+    config = ctx.derive(["grpo.skip_tied_groups=false"])
     groups = sizes.groups or config.train.batch_size
     ctx.log(f"learner: generating {groups} × {config.grpo.num_generations} trajectories")
     with torch_threads(config.ray.rollout_threads):
