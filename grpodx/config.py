@@ -9,10 +9,18 @@ default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from grpodx.dialogue import DOCTOR_SYSTEM_PROMPT, LAST_TURN_NOTICE
 
@@ -21,8 +29,24 @@ class ConfigError(ValueError):
     """A configuration a user wrote is wrong; the message says what to change."""
 
 
+def _accepts(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    if annotation is Any or annotation in kinds:
+        return True
+    return any(_accepts(arg, kinds) for arg in get_args(annotation))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int: `train.max_steps=true` would start a 1-step run.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _accepts(annotation, (bool,)):
+            wanted = "a number" if _accepts(annotation, (int, float)) else "text"
+            raise ValueError(f"{str(value).lower()} is a boolean; this setting takes {wanted}")
+        return value
 
 
 class TinyDoctorConfig(_Section):
@@ -153,7 +177,8 @@ class RewardConfig(_Section):
 class GRPOConfig(_Section):
     num_generations: int = Field(4, ge=2)
     scale_rewards: bool = True
-    advantage_eps: float = 1e-6
+    # Added to the group's std: a negative value would flip advantages (rewards in [0, 1] have std <= 0.5).
+    advantage_eps: float = Field(1e-6, ge=0.0)
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.28, ge=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
@@ -165,12 +190,12 @@ class GRPOConfig(_Section):
     # token-mean: every doctor token of the batch weighs the same; sequence-mean: every episode does.
     loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
     lr: float = Field(5e-6, gt=0.0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0.0)
     token_budget: int = Field(16384, ge=1)
-    ratio_cap: float | None = None
+    ratio_cap: float | None = Field(None, gt=1.0)
 
 
 class TrainConfig(_Section):
@@ -198,7 +223,7 @@ class RayConfig(_Section):
     address: str | None = None
     # A fixed count, or "auto": one worker per `rollout_resources` bundle the cluster offers, following
     # rollout nodes as they join and leave during the run.
-    num_rollout_workers: int | Literal["auto"] = 2
+    num_rollout_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 2
     # Custom resources each actor requests (e.g. {"rollout": 1}); the cluster's node types carry them
     # (see cluster/config.yaml), so every actor lands on its node type.
     rollout_resources: dict[str, float] = Field(default_factory=dict)
@@ -250,14 +275,34 @@ class Config(_Section):
         return self
 
 
+def _setting_key(loc: tuple) -> str:
+    """The dotted setting an error location points to, without pydantic's union-branch tags
+    (``constrained-int``, ``literal['auto']``), dict keys or list indices past the setting."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        parts.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ".".join(parts)
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    errors = error.errors()
+    first = errors[0]
     if first["type"] == "extra_forbidden":
+        key = ".".join(str(part) for part in first["loc"])
         return f"{source}: unknown config key '{key}'; remove it or check its spelling"
+    key = _setting_key(first["loc"])
     if not key:  # a rule across sections (model validator): its message already names the keys
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
-    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
+    # A setting of several types (a number or "auto") fails once per type: say each.
+    reasons = dict.fromkeys(
+        e["msg"].removeprefix("Value error, ") for e in errors if _setting_key(e["loc"]) == key
+    )
+    return f"{source}: bad value for '{key}': {'; or '.join(reasons)} (got {first.get('input')!r})"
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:

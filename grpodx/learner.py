@@ -22,7 +22,7 @@ from peft.utils import load_peft_weights
 from grpodx.algo import grpo
 from grpodx.config import Config
 from grpodx.engines.base import AdapterWeights
-from grpodx.models import best_device, load_doctor, lora_target_modules
+from grpodx.models import best_device, check_adapter_keys, load_doctor, lora_target_modules
 
 LEARNER_STATE_FILE = "learner_state.pt"
 ADAPTER_DIR = "adapter"
@@ -382,6 +382,7 @@ class Learner:
                 "pass a directory under <run>/checkpoints/ to --load-checkpoint"
             )
         weights = load_peft_weights(str(directory / ADAPTER_DIR), device=str(self.device))
+        check_adapter_keys(self.model, weights, str(directory / ADAPTER_DIR))
         set_peft_model_state_dict(self.model, weights)
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -15,7 +15,7 @@ from grpodx.env import make_judge, make_patient
 from grpodx.learner import ADAPTER_DIR
 from grpodx.medical.cases import eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
-from grpodx.models import best_device, doctor_source
+from grpodx.models import AdapterKeysError, best_device, doctor_source
 from grpodx.rollout import RolloutWorker
 
 _PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
@@ -62,7 +62,11 @@ async def evaluate_doctors(
                 results.append(await worker.evaluate(cases, 0, config.train.eval_temperature))
                 continue
             # Each adapter loads as the next version; the worker serves the newest one.
-            worker.load_adapter(read_adapter(checkpoint, version))
+            try:
+                worker.load_adapter(read_adapter(checkpoint, version))
+            except AdapterKeysError as exc:  # name the checkpoint the user passed, not a version number
+                message = str(exc).replace(f"adapter version {version}", str(checkpoint), 1)
+                raise AdapterKeysError(message) from None
             results.append(await worker.evaluate(cases, version, config.train.eval_temperature))
     finally:
         for part in (patient, judge):

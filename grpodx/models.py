@@ -7,7 +7,10 @@ backbone trains with a config change only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -60,3 +63,30 @@ def load_doctor(source: str, dtype: str = "float32", device: str | torch.device 
 
 def best_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+class AdapterKeysError(ConfigError):
+    """An adapter's tensors are not exactly those of the model's LoRA layers."""
+
+
+def check_adapter_keys(peft_model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a partial or foreign adapter before it is loaded.
+
+    peft loads non-strictly: a missing LoRA tensor would silently keep its initial value (a run would
+    resume half-trained and save on), and an unknown one would be dropped.
+    """
+    expected = set(get_peft_model_state_dict(peft_model))
+    given = set(weights)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} of the model's {len(expected)} LoRA tensors missing (e.g. {missing[0]})"
+            )
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors the model has no place for (e.g. {unexpected[0]})")
+        raise AdapterKeysError(
+            f"{source}: the adapter does not match this model's LoRA layers: {'; '.join(parts)}. Pass a "
+            "complete adapter saved for this model and these lora settings"
+        )

@@ -70,6 +70,11 @@ def checkpoint_location(checkpoint: str) -> tuple[RunStorage, str]:
         run_root, rel = parts[0], "/".join(parts[1:])
     else:
         path = Path(text).resolve()
+        if len(path.parents) < 2:  # "/" or "/x": no run directory above it
+            raise ConfigError(
+                f"--load-checkpoint {checkpoint}: not a checkpoint directory; pass one such as "
+                "runs/<run>/checkpoints/step-000100"
+            )
         run_root, rel = str(path.parents[1]), f"{path.parent.name}/{path.name}"
     return RunStorage(run_root), rel
 

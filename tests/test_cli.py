@@ -85,3 +85,42 @@ def test_build_tiny_finds_the_shipped_doctor_and_rebuilds_on_request(tmp_path, m
     assert result.exit_code == 0, result.output
     assert (tmp_path / "doctor" / "model.safetensors").is_file()
     assert "nothing to compare with" in result.output
+
+
+def test_checkpoint_path_without_a_run_directory_is_named():
+    # "/nonexistent" has no run directory above it: once an IndexError traceback.
+    for path in ("/nonexistent", "/nonexistent/"):
+        result = RUNNER.invoke(app, ["train", "--load-checkpoint", path])
+        assert result.exit_code == 2, result.output
+        assert f"--load-checkpoint {path}: not a checkpoint directory" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_zero_rollout_workers_stop_before_anything_starts():
+    result = RUNNER.invoke(app, ["train", "--num-rollout-workers", "0"])
+    assert result.exit_code == 2
+    assert "'ray.num_rollout_workers'" in result.output and "greater than or equal to 1" in result.output
+
+
+def test_eval_refuses_an_adapter_with_missing_tensors(small_model_dir, tmp_path):
+    """peft loads non-strictly: half an adapter would evaluate silently with the rest at zero."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_perturbed_adapter(tmp_path / "adapter", small_model_dir, seed=1)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    kept = dict(sorted(weights.items())[: len(weights) // 2])
+    save_file(kept, adapter / "adapter_model.safetensors")
+    result = RUNNER.invoke(
+        app, ["eval", "--cases", "2", "--checkpoint", str(adapter), f"model.name={small_model_dir}"]
+    )
+    assert result.exit_code == 2, result.output
+    missing = len(weights) - len(kept)
+    assert f"{adapter}: the adapter does not match this model's LoRA layers: {missing} of" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_of_no_cases_stops_instead_of_printing_nan():
+    for args in (["--cases", "0"], ["--cases", "-2"], ["train.eval_cases=0"]):
+        result = RUNNER.invoke(app, ["eval", *args])
+        assert result.exit_code == 2, result.output
+        assert "nan" not in result.output and ("--cases" in result.output)

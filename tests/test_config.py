@@ -67,3 +67,38 @@ def test_cross_section_rule_names_the_keys():
     with pytest.raises(ConfigError, match=r"top_p=1\.0 or engine\.kind=hf") as error:
         load_config(None, ["engine.kind=vllm", "episode.sampling.top_p=0.9"])
     assert "{" not in str(error.value)  # the message, not a dump of the whole config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # pydantic alone reads true as 1: a one-step run would start.
+        ("train.max_steps=true", r"'train\.max_steps': true is a boolean; this setting takes a number"),
+        ("episode.sampling.temperature=false", r"'episode\.sampling\.temperature': false is a boolean"),
+        ("model.name=true", r"'model\.name': true is a boolean; this setting takes text"),
+        # 0 or -3 workers would evaluate nothing and wait forever for the first step.
+        ("ray.num_rollout_workers=0", r"'ray\.num_rollout_workers': .*greater than or equal to 1.*'auto'"),
+        ("ray.num_rollout_workers=-3", r"'ray\.num_rollout_workers': .*greater than or equal to 1"),
+    ],
+)
+def test_booleans_and_worker_counts_that_are_not_numbers_stop_the_run(override, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(CONFIGS / "tiny-cpu.yaml", [override])
+    # One sentence about the setting, without pydantic's union-branch tags.
+    assert "constrained-int" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_booleans_still_set_switches_and_numbers_still_parse():
+    config = load_config(None, ["train.eval_greedy=true", "grpo.lr=1e-3", "ray.num_rollout_workers=3"])
+    assert config.train.eval_greedy is True and config.grpo.lr == pytest.approx(1e-3)
+    assert config.ray.num_rollout_workers == 3
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["grpo.advantage_eps=-1", "grpo.weight_decay=-0.1", "grpo.ratio_cap=1.0", "grpo.ratio_cap=0.5"],
+)
+def test_settings_whose_sign_breaks_the_math_are_bounded(override):
+    # advantage_eps=-1 would flip the sign of every advantage; a ratio cap <= 1 would drop every token.
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])

@@ -11,6 +11,7 @@ import torch
 from grpodx.config import load_config
 from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.learner import Learner
+from grpodx.models import AdapterKeysError
 
 
 def _config(**overrides):
@@ -178,6 +179,24 @@ def test_kl_to_the_adapter_free_model_is_reported(small_model_dir):
     assert first["learner/kl"] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA: B = 0, same model
     second = learner.train_step(_table(_rows([1, 0, 0, 0], 4, learner, seed=2)))
     assert second["learner/kl"] > 0.0
+
+
+def test_resume_refuses_an_adapter_with_missing_or_foreign_tensors(small_model_dir, tmp_path):
+    """peft loads non-strictly: the missing half of an adapter would silently restart from zero."""
+    from safetensors.torch import load_file, save_file
+
+    learner = Learner(_config(), str(small_model_dir), device="cpu")
+    learner.save(tmp_path / "ckpt")
+    weights_file = tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    names = sorted(weights)
+    for kept, match in (
+        ({name: weights[name] for name in names[: len(names) // 2]}, rf"{len(names) - len(names) // 2} of"),
+        ({**weights, "base_model.model.extra.lora_A.weight": weights[names[0]].clone()}, "no place for"),
+    ):
+        save_file(kept, weights_file)
+        with pytest.raises(AdapterKeysError, match=match):
+            Learner(_config(), str(small_model_dir), device="cpu").load(tmp_path / "ckpt")
 
 
 def test_missing_checkpoint_has_clear_error(small_model_dir, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from grpodx.engines.base import AdapterWeights, Generation, GenerationEngine, SamplingParams
+from grpodx.models import check_adapter_keys
 
 
 def sample_next_tokens(
@@ -115,6 +116,7 @@ class HFEngine(GenerationEngine):
             if not self._peft_wrapped:
                 self.model = get_peft_model(self.model, LoraConfig(**adapter.peft_config)).eval()
                 self._peft_wrapped = True
+        check_adapter_keys(self.model, adapter.state_dict, f"adapter version {adapter.version}")
         state = {name: tensor.detach().to("cpu") for name, tensor in adapter.state_dict.items()}
         self._adapters[adapter.version] = AdapterWeights(adapter.version, state, adapter.peft_config)
         self._doomed.discard(adapter.version)
