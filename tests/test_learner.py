@@ -301,6 +301,9 @@ def test_noise_scale_comes_from_each_groups_own_gradient(small_model_dir):
     from grpodx.algo import grpo
 
     config = _config(**{"grpo.kl_coef": 0.1, "grpo.max_grad_norm": 1e6})
+    # The LoRA's initial A matrices come from torch's global generator: seeded, so the draw does not
+    # depend on the tests before this one.
+    torch.manual_seed(0)
     learner = Learner(config, str(small_model_dir), device="cpu")
     reference = Learner(config, str(small_model_dir), device="cpu")
     reference.model.load_state_dict(learner.model.state_dict())
@@ -322,11 +325,15 @@ def test_noise_scale_comes_from_each_groups_own_gradient(small_model_dir):
         reference.optimizer.zero_grad(set_to_none=True)
     total = sum(parts)
     signal, noise = grpo.gradient_noise_estimates([float(x @ x) for x in parts], float(total @ total))
-    assert noise > 0 and signal > 0
+    assert noise > 0
     assert metrics["learner/grad_signal_sq"] == pytest.approx(signal, rel=1e-4, abs=1e-12)
     assert metrics["learner/grad_noise_trace"] == pytest.approx(noise, rel=1e-4)
-    # The first averaged step: the ratio of the two estimates, in groups.
-    assert metrics["learner/noise_scale"] == pytest.approx(noise / signal, rel=1e-3)
+    # The first averaged step: the ratio of the two estimates, in groups. The |G|^2 estimate is unbiased,
+    # so with 3 groups it can come out negative (about half of the LoRA draws here): then no scale.
+    if signal > 0:
+        assert metrics["learner/noise_scale"] == pytest.approx(noise / signal, rel=1e-3)
+    else:
+        assert math.isnan(metrics["learner/noise_scale"])
 
 
 def test_skipping_tied_groups_is_training_on_the_others_alone(small_model_dir):
