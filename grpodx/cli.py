@@ -19,9 +19,24 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config 
 Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. grpo.lr=1e-3")]
 
 
+# The config key each flag sets, by the flag's name: a bad value is blamed on the flag.
+FLAG_NAMES = {
+    "train.max_steps": "--max-steps",
+    "train.save_steps": "--save-steps",
+    "train.batch_size": "--batch-size",
+    "lora.rank": "--lora-rank",
+    "grpo.num_generations": "--num-generations",
+    "ray.num_rollout_workers": "--num-rollout-workers",
+    "train.eval_cases": "--cases",
+    "train.eval_temperature": "--temperature",
+}
+
+
 def _load(config_path: Path, overrides: list[str] | None, flags: dict[str, object]) -> Config:
-    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(config_path, extra + list(overrides or []))
+    given = {key: value for key, value in flags.items() if value is not None}
+    extra = [f"{key}={value}" for key, value in given.items()]
+    origins = {f"{key}={value}": f"{FLAG_NAMES.get(key, key)} {value}" for key, value in given.items()}
+    return load_config(config_path, extra + list(overrides or []), origins)
 
 
 def _fail(message: str) -> None:

@@ -8,6 +8,7 @@ default.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -289,7 +290,7 @@ def _setting_key(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _format_validation_error(error: ValidationError, source: str, origins: Mapping[str, str]) -> str:
     errors = error.errors()
     first = errors[0]
     if first["type"] == "extra_forbidden":
@@ -302,6 +303,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     reasons = dict.fromkeys(
         e["msg"].removeprefix("Value error, ") for e in errors if _setting_key(e["loc"]) == key
     )
+    # Blame where the value came from: a flag or an override, not a config file that may be fine.
+    source = origins.get(key, source)
     return f"{source}: bad value for '{key}': {'; or '.join(reasons)} (got {first.get('input')!r})"
 
 
@@ -346,8 +349,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate once."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> Config:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate once.
+
+    A bad value is blamed on where it came from: ``origins`` names the flag behind an override string
+    (``{"train.batch_size=-1": "--batch-size -1"}``), another override names itself, anything else the
+    config file.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -362,12 +374,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded
-    for key, value in parse_overrides(overrides or []):
+    blame: dict[str, str] = {}
+    for item, (key, value) in zip(overrides or [], parse_overrides(overrides or []), strict=True):
         _set_override(data, key, value)
+        blame[key] = (origins or {}).get(item, f"override {item.strip()}")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, source, blame)) from None
 
 
 def dump_config(config: Config) -> str:

@@ -124,3 +124,22 @@ def test_eval_of_no_cases_stops_instead_of_printing_nan():
         result = RUNNER.invoke(app, ["eval", *args])
         assert result.exit_code == 2, result.output
         assert "nan" not in result.output and ("--cases" in result.output)
+
+
+def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_config_file(tmp_path):
+    cases = [
+        (["train", "--batch-size", "-1"], "--batch-size -1: bad value for 'train.batch_size'"),
+        (["train", "train.batch_size=-1"], "override train.batch_size=-1: bad value for 'train.batch_size'"),
+        # The override comes after the flag and wins: it is the one to blame.
+        (["train", "--batch-size", "2", "train.batch_size=0"], "override train.batch_size=0:"),
+        (["eval", "--temperature", "-1"], "--temperature -1.0: bad value for 'train.eval_temperature'"),
+    ]
+    for args, message in cases:
+        result = RUNNER.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "tiny-cpu.yaml" not in result.output, result.output
+    # A bad value in the file itself still names the file.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: -1\n")
+    result = RUNNER.invoke(app, ["train", "--config", str(bad), "--max-steps", "3"])
+    assert result.exit_code == 2 and f"{bad}: bad value for 'train.batch_size'" in result.output
