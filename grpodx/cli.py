@@ -84,7 +84,7 @@ def _submit_job(address: str, job_args: list[str], cfg: Config, api_key: str | N
             fg=typer.colors.YELLOW,
             err=True,
         )
-    # The key reaches the job only through its runtime env (see README, "Running on a cluster").
+    # The key reaches the job only through its runtime env (see docs/cluster.md).
     return submit_training(address, job_args, env_vars={"OPENAI_API_KEY": api_key} if api_key else None)
 
 
