@@ -203,12 +203,11 @@ def evaluate(
     doctors = [checkpoint] if compare is None else [checkpoint, None if compare == "base" else compare]
     if compare is not None and doctors[0] == doctors[1]:
         _fail("--compare names the doctor being evaluated; pass --checkpoint DIR to compare it with the base")
-    if cases is not None and cases < 1:
-        _fail(f"--cases {cases}: evaluate at least one held-out case")
     try:
         cfg = _load(config, overrides, {"train.eval_cases": cases, "train.eval_temperature": temperature})
-        if cfg.train.eval_cases < 1:
-            _fail("train.eval_cases is 0: nothing to evaluate; pass --cases N")
+        if cfg.train.eval_cases < 1:  # valid for training (no evaluation), not for `eval`
+            given = f"--cases {cases}" if cases is not None else f"train.eval_cases={cfg.train.eval_cases}"
+            _fail(f"{given}: nothing to evaluate; pass --cases N with N >= 1")
         results = asyncio.run(evaluate_doctors(cfg, doctors, SecretStr(api_key) if api_key else None))
     except ConfigError as exc:
         _fail(str(exc))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from grpodx.medical.bayes import ASSESSMENT_FIELDS
 from grpodx.storage import RunStorage, as_storage
 
 METRICS_FILE = "metrics.jsonl"
@@ -60,8 +61,7 @@ def interview_metrics(valid: pa.Table) -> dict[str, float]:
     """The step's questions and conclusions by the exact posterior (see evaluation.interview_summary)."""
     from grpodx.evaluation import interview_summary
 
-    columns = ["questions", "information_gain", "evidence_right", "follows_evidence", "diagnosis"]
-    summary = interview_summary(valid.select(columns).to_pylist())
+    summary = interview_summary(valid.select([*ASSESSMENT_FIELDS, "diagnosis"]).to_pylist())
     metrics = {f"interview/{key}": value for key, value in summary.items()}
     if summary:
         rows = valid.select(["group_id", "information_gain", "reward"]).to_pylist()

@@ -467,11 +467,14 @@ class Orchestrator:
         await self._start_workers()
         sink = ParquetSink(self.storage)
         logger = MetricsLogger(self.storage)
-        before: dict[str, list[dict]] = {}
+        before: dict[str, list[dict]] = {}  # episodes per evaluation mode, for the paired differences
+        result: dict = {}  # {mode}_before, {mode}_after, {mode}_paired for summary.json
         if config.train.eval_cases and self.step == 0:
             for prefix, temperature in self._evaluation_modes():
                 before[prefix] = await self.evaluate(config.train.eval_cases, temperature)
-                self._log_evaluation(logger, prefix, temperature, before[prefix], "before training")
+                result[f"{prefix}_before"] = self._log_evaluation(
+                    logger, prefix, temperature, before[prefix], "before training"
+                )
         bar = tqdm(
             total=config.train.max_steps,
             initial=self.step,
@@ -483,32 +486,27 @@ class Orchestrator:
             await self._train_loop(sink, logger, bar)
         finally:
             bar.close()
-        result: dict = {"steps": self.step}
         if config.train.eval_cases:
             for prefix, temperature in self._evaluation_modes():
                 after = await self.evaluate(config.train.eval_cases, temperature)
-                summary = self._log_evaluation(logger, prefix, temperature, after, "after training")
-                result[f"{prefix}_after"] = summary
+                result[f"{prefix}_after"] = self._log_evaluation(
+                    logger, prefix, temperature, after, "after training"
+                )
                 if prefix in before:
-                    result[f"{prefix}_before"] = self._summarize(before[prefix])
                     paired = paired_difference(after, before[prefix])
                     logger.log(self.step, {f"{prefix}_paired/{k}": v for k, v in paired.items()})
                     self._log(format_paired(paired, f"after minus before (T = {temperature:g})"))
                     result[f"{prefix}_paired"] = paired
         logger.close()
-        summary_json = {
-            "steps": self.step,
-            "eval_before": result.get("eval_before"),
-            "eval_after": result.get("eval_after"),
-            "eval_paired": result.get("eval_paired"),
-            **{key: value for key, value in result.items() if key.startswith("eval_greedy")},
-        }
-        self.storage.write_text("summary.json", json.dumps(summary_json, indent=2))
+        # The sampled evaluation's keys are always there (null when not run); the greedy ones when run.
+        main = {key: result.get(key) for key in ("eval_before", "eval_after", "eval_paired")}
+        summary = {"steps": self.step, **main, **result}
+        self.storage.write_text("summary.json", json.dumps(summary, indent=2))
         self._write_learning_curve()
         self._log(f"run directory: {self.storage.display()}")
-        eval_before, eval_after = result.get("eval_before"), result.get("eval_after")
-        paired = result.get("eval_paired")
-        return TrainResult(self.run_dir, self.step, eval_before, eval_after, paired)
+        return TrainResult(
+            self.run_dir, self.step, main["eval_before"], main["eval_after"], main["eval_paired"]
+        )
 
     @property
     def workers(self) -> list:

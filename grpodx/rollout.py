@@ -25,6 +25,7 @@ from grpodx.engines.base import AdapterWeights, GenerationEngine
 from grpodx.env.episode import EpisodeResult, EpisodeRunner
 from grpodx.env.judge import Judge
 from grpodx.env.patient import Patient
+from grpodx.medical.bayes import assessment_record
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import load_knowledge_base
 
@@ -182,7 +183,7 @@ class RolloutWorker:
 
 
 def episode_summary(result: EpisodeResult) -> dict:
-    verdict, assessment = result.verdict, result.assessment
+    verdict = result.verdict
     return {
         "case_id": result.case.case_id,
         "condition": result.case.condition,
@@ -192,10 +193,7 @@ def episode_summary(result: EpisodeResult) -> dict:
         "reward": result.reward.total if result.reward else None,
         "judge_score": verdict.score if verdict else None,
         "turns": result.turns,
-        "questions": assessment.questions if assessment else None,
-        "information_gain": assessment.information_gain if assessment else None,
-        "evidence_right": assessment.evidence_right if assessment else None,
-        "follows_evidence": assessment.follows_evidence if assessment else None,
+        **assessment_record(result.assessment),
         "finished": result.diagnosis is not None,
         "leaked": result.malformed_turns > 0,
         "valid": result.valid,

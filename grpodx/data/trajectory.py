@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from grpodx.env.episode import EpisodeResult
+from grpodx.medical.bayes import assessment_record
 
 TRAJECTORY_SCHEMA = pa.schema(
     [
@@ -76,7 +77,7 @@ def to_record_batch(episodes: Sequence[tuple[EpisodeTag, EpisodeResult]]) -> pa.
 
 
 def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
-    verdict, reward, assessment = result.verdict, result.reward, result.assessment
+    verdict, reward = result.verdict, result.reward
     return {
         "step": tag.step,
         "group_id": tag.group_id,
@@ -100,10 +101,7 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "format_errors": reward.format_errors if reward else 0,
         "reasoning_leaks": result.malformed_turns,
         "turns": result.turns,
-        "questions": assessment.questions if assessment else None,
-        "information_gain": assessment.information_gain if assessment else None,
-        "evidence_right": assessment.evidence_right if assessment else None,
-        "follows_evidence": assessment.follows_evidence if assessment else None,
+        **assessment_record(result.assessment),
         "truncated": result.truncated,
         "valid": result.valid,
         "error": result.error,

@@ -112,6 +112,15 @@ class InterviewAssessment:
     """The diagnosis names that condition: the doctor concluded what its own evidence supports."""
 
 
+# What each episode record (Parquet row, evaluation episode) keeps of its assessment.
+ASSESSMENT_FIELDS = ("questions", "information_gain", "evidence_right", "follows_evidence")
+
+
+def assessment_record(assessment: InterviewAssessment | None) -> dict:
+    """The :data:`ASSESSMENT_FIELDS` of ``assessment``, or None each for an episode never assessed."""
+    return {name: getattr(assessment, name) if assessment else None for name in ASSESSMENT_FIELDS}
+
+
 def assess_interview(
     kb: KnowledgeBase, case: CaseCard, doctor_questions: Sequence[str], diagnosis: str | None
 ) -> InterviewAssessment:
