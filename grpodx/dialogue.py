@@ -3,7 +3,9 @@
 The doctor thinks inside ``<reason>…</reason>``. Those blocks stay in the doctor's own token context;
 whatever leaves the doctor (to the patient, to the judge, to a transcript a person reads) goes through
 :func:`strip_reasoning` first. Stripping errs towards hiding: an unclosed ``<reason>`` hides the rest
-of the turn, and a ``</reason>`` with no opening hides everything before it.
+of the turn, and a ``</reason>`` with no opening hides everything before it. A tag is recognised in
+any case and with whitespace inside (``< /Reason >``): a model that misspells a tag that way still
+means it, and whatever it meant to hide must not reach the patient.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ LAST_TURN_NOTICE = "This is your last turn: give your final diagnosis now."
 
 REASON_OPEN = "<reason>"
 REASON_CLOSE = "</reason>"
-_TAG = re.compile(r"</?reason>", re.IGNORECASE)
+_TAG = re.compile(r"<\s*(?P<close>/)?\s*reason\s*>", re.IGNORECASE)
 # A tag cut short at the end of a turn ("...<reas") must not reach the patient either.
 _PARTIAL_TAG_AT_END = re.compile(r"<\s*/?\s*r(e(a(s(o(n)?)?)?)?)?\s*$", re.IGNORECASE)
-_FINAL = re.compile(r"final\s+diagnosis\s*[:\-–]\s*(?P<diagnosis>[^\n]*)", re.IGNORECASE)
+# The diagnosis runs to the end of its line (or of the next, after a bare "Final diagnosis:") but
+# never into another "Final diagnosis", which is matched on its own.
+_FINAL = re.compile(
+    r"final\s+diagnosis\s*[:\-–]\s*(?P<diagnosis>(?:(?!final\s+diagnosis)[^\n])*)", re.IGNORECASE
+)
 _NEXT_STEPS = re.compile(r"\bnext\s+steps?\b", re.IGNORECASE)
 _HEDGE_SPLIT = re.compile(r"\s*(?:\bor\b|\bversus\b|\bvs\.?|/|;|\band/or\b)\s*", re.IGNORECASE)
 
@@ -67,16 +73,16 @@ def strip_reasoning(text: str) -> StrippedTurn:
     malformed = False
     position = 0
     for match in _TAG.finditer(text):
-        tag = match.group(0).lower()
+        closing = match.group("close") is not None
         if depth == 0:
             segment = text[position : match.start()]
-            if tag == REASON_CLOSE:
+            if closing:
                 # An orphan closing tag: what came before it was reasoning the doctor forgot to open.
                 malformed = True
                 pieces.clear()
             else:
                 pieces.append(segment)
-        if tag == REASON_OPEN:
+        if not closing:
             if depth > 0:
                 malformed = True
             depth += 1
@@ -101,16 +107,25 @@ def _tidy(text: str) -> str:
 
 
 def parse_final_diagnosis(visible_text: str) -> str | None:
-    """The diagnosis named on a ``Final diagnosis: …`` line, up to a "next steps" clause, or None."""
-    match = _FINAL.search(visible_text)
-    if match is None:
-        return None
-    diagnosis = match.group("diagnosis")
-    steps = _NEXT_STEPS.search(diagnosis)
+    """The diagnosis named on a ``Final diagnosis: …`` line, up to a "next steps" clause, or None.
+
+    Several different final diagnoses in one message are a hedge, and are returned as one
+    (``"flu or pneumonia"``) so that the judge and the reward treat them as any other hedge; the same
+    diagnosis written twice is still one.
+    """
+    diagnoses: dict[str, str] = {}
+    for match in _FINAL.finditer(visible_text):
+        diagnosis = _diagnosis_on_line(match.group("diagnosis"))
+        if diagnosis:
+            diagnoses.setdefault(" ".join(diagnosis.lower().split()), diagnosis)
+    return " or ".join(diagnoses.values()) or None
+
+
+def _diagnosis_on_line(text: str) -> str:
+    steps = _NEXT_STEPS.search(text)
     if steps:
-        diagnosis = diagnosis[: steps.start()]
-    diagnosis = diagnosis.strip().rstrip(".,;:").strip()
-    return diagnosis or None
+        text = text[: steps.start()]
+    return text.strip().rstrip(".,;:").strip()
 
 
 def diagnosis_alternatives(diagnosis: str) -> list[str]:

@@ -8,6 +8,7 @@ from grpodx.dialogue import (
     render_message,
     strip_reasoning,
 )
+from grpodx.env.reward import is_hedged
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,44 @@ def test_parse_final_diagnosis(text, diagnosis):
 )
 def test_diagnosis_alternatives_counts_hedges(diagnosis, count):
     assert len(diagnosis_alternatives(diagnosis)) == count
+
+
+@pytest.mark.parametrize(
+    ("raw", "visible", "malformed"),
+    [
+        ("<reason >think MI</reason > Do you sweat?", "Do you sweat?", False),
+        ("< reason >think MI</ reason > Do you sweat?", "Do you sweat?", False),
+        ("<Reason\n>think MI< / REASON> Do you sweat?", "Do you sweat?", False),
+        # The balance rules apply to them as to the plain tags.
+        ("Do you sweat? < reason >think MI", "Do you sweat?", True),
+        ("think MI</ reason > Do you sweat?", "Do you sweat?", True),
+    ],
+)
+def test_strip_reasoning_hides_tags_with_whitespace_inside(raw, visible, malformed):
+    stripped = strip_reasoning(raw)
+    assert stripped.visible == visible
+    assert stripped.malformed is malformed
+
+
+@pytest.mark.parametrize(
+    ("text", "diagnosis"),
+    [
+        ("Final diagnosis: Influenza.\nFinal diagnosis: Pneumonia.", "Influenza or Pneumonia"),
+        (
+            "Final diagnosis: Influenza. Next steps: rest. Final diagnosis: Pneumonia",
+            "Influenza or Pneumonia",
+        ),
+        ("Final diagnosis:\nFinal diagnosis: Asthma", "Asthma"),
+    ],
+)
+def test_several_different_final_diagnoses_are_a_hedge(text, diagnosis):
+    assert parse_final_diagnosis(text) == diagnosis
+    assert is_hedged(parse_final_diagnosis(text)) is (" or " in diagnosis)
+
+
+def test_the_same_final_diagnosis_twice_is_not_a_hedge():
+    diagnosis = parse_final_diagnosis("Final diagnosis: Influenza.\nTo repeat, final diagnosis: influenza")
+    assert diagnosis == "Influenza" and not is_hedged(diagnosis)
 
 
 def test_render_message_uses_phi4_format():

@@ -139,6 +139,31 @@ def test_reasoning_never_reaches_the_patient_even_when_unclosed(small_tokenizer)
     assert result.reward.format_errors == 2
 
 
+def test_reasoning_tags_with_whitespace_never_reach_the_patient(small_tokenizer):
+    case = _case()
+    turns = [
+        f"<reason >I bet it is {case.condition}</reason > Any fever?",
+        f"< reason >{case.condition} again</ reason > Any cough?",
+        f"Final diagnosis: {case.condition}.",
+    ]
+    result, _, patient = _run(small_tokenizer, turns)
+    assert set(patient.seen) == {"Any fever?", "Any cough?"}
+    assert result.malformed_turns == 0 and result.reward.format_errors == 0
+
+
+def test_two_different_final_diagnoses_are_penalised_as_a_hedge(small_tokenizer):
+    case = _case()
+    other = next(c.name for c in KB.conditions if c.name != case.condition)
+    hedged, _, _ = _run(small_tokenizer, [f"Final diagnosis: {case.condition}.\nFinal diagnosis: {other}."])
+    assert hedged.diagnosis == f"{case.condition} or {other}"
+    assert hedged.reward.hedged and hedged.reward.judge == 1.0  # judged on the first, like any hedge
+    repeated, _, _ = _run(
+        small_tokenizer, [f"Final diagnosis: {case.condition}.\nFinal diagnosis: {case.condition}"]
+    )
+    assert repeated.diagnosis == case.condition and not repeated.reward.hedged
+    assert hedged.reward.total == pytest.approx(repeated.reward.total - RewardConfig().hedge_penalty)
+
+
 def test_no_final_diagnosis_within_max_turns(small_tokenizer):
     result, engine, _ = _run(small_tokenizer, ["Do you have a cough?"] * 3, max_turns=3)
     assert result.turns == 3 and result.diagnosis is None

@@ -13,7 +13,7 @@ import functools
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Literal, NamedTuple, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_PATH",
     "Condition",
     "Demographics",
+    "KeywordMatch",
     "KnowledgeBase",
     "KnowledgeBaseError",
     "NextStep",
@@ -89,6 +90,14 @@ def _any_keyword_regex(keywords: tuple[str, ...]) -> re.Pattern[str]:
     ordered = sorted({_keyword_key(k) for k in keywords}, key=len, reverse=True)
     alternatives = "|".join(_keyword_pattern(k) for k in ordered)
     return re.compile(rf"(?<!\w)(?:{alternatives})", re.IGNORECASE)
+
+
+class KeywordMatch(NamedTuple):
+    """One symptom keyword found in a text: its character span and the symptom it names."""
+
+    start: int
+    end: int
+    symptom_id: str
 
 
 class _Model(BaseModel):
@@ -195,6 +204,14 @@ class KnowledgeBase(_Model):
         wins ("chest pain" rather than a generic "pain"), so a question is attributed to the
         most specific symptom it names.
         """
+        ids: list[str] = []
+        for match in self.keyword_matches(text):
+            if match.symptom_id not in ids:
+                ids.append(match.symptom_id)
+        return ids
+
+    def keyword_matches(self, text: str) -> list[KeywordMatch]:
+        """The symptom keywords in ``text`` with their spans, in text order, overlaps resolved as above."""
         if self._keyword_regex is None:
             return []
         candidates = [
@@ -207,12 +224,12 @@ class KnowledgeBase(_Model):
             if all(end <= s or start >= e for s, e in taken):
                 taken.append((start, end))
                 chosen.append((start, end, matched))
-        ids: list[str] = []
-        for _, _, matched in sorted(chosen):
+        matches: list[KeywordMatch] = []
+        for start, end, matched in sorted(chosen):
             symptom_id = self._owner_of(matched)
-            if symptom_id is not None and symptom_id not in ids:
-                ids.append(symptom_id)
-        return ids
+            if symptom_id is not None:
+                matches.append(KeywordMatch(start, end, symptom_id))
+        return matches
 
     def _owner_of(self, matched: str) -> str | None:
         """Symptom id for matched text, undoing the optional plural suffix the regex allows."""
