@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 
 from grpodx.config import Config, ConfigError, load_config
 
@@ -16,6 +17,18 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config in configs/")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        help="key for an API-backed patient/judge; visible to other local users in `ps`: prefer "
+        "$OPENAI_API_KEY or --openai-api-key-file",
+        show_default=False,
+    ),
+]
+ApiKeyFileOption = Annotated[
+    Path | None,
+    typer.Option(help="a file holding the API key (its first line), e.g. one only you can read"),
+]
 Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. grpo.lr=1e-3")]
 
 
@@ -42,6 +55,33 @@ def _load(config_path: Path, overrides: list[str] | None, flags: dict[str, objec
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _api_key(flag: str | None, key_file: Path | None) -> str | None:
+    """The key from --openai-api-key, --openai-api-key-file or $OPENAI_API_KEY (in that order)."""
+    if flag and key_file:
+        _fail("pass --openai-api-key or --openai-api-key-file, not both")
+    if key_file is not None:
+        try:
+            lines = key_file.read_text().splitlines()
+        except OSError as exc:
+            _fail(f"--openai-api-key-file {key_file}: cannot read it ({exc.strerror or exc})")
+        key = lines[0].strip() if lines else ""
+        if not key:
+            _fail(f"--openai-api-key-file {key_file}: the file is empty; put the key on its first line")
+        return key
+    return flag or os.environ.get("OPENAI_API_KEY") or None
+
+
+def _check_api_key(cfg: Config, api_key: str | None) -> SecretStr | None:
+    """The key as a SecretStr when a patient or judge is API-backed (a ConfigError if it has none)."""
+    from grpodx.env import require_api_key
+
+    secret = SecretStr(api_key) if api_key else None
+    roles = [role for role in ("patient", "judge") if getattr(cfg, role).kind == "openai"]
+    for role in roles:
+        require_api_key(secret, role)
+    return secret if roles else None
 
 
 def _number_or_auto(value: str | None) -> int | str | None:
@@ -92,10 +132,8 @@ def _submit_job(address: str, job_args: list[str], cfg: Config, api_key: str | N
 def train(
     config: ConfigOption = Path("configs/tiny-cpu.yaml"),
     overrides: Overrides = None,
-    openai_api_key: Annotated[
-        str | None,
-        typer.Option(help="key for API-backed patient/judge (default: $OPENAI_API_KEY)", show_default=False),
-    ] = None,
+    openai_api_key: ApiKeyOption = None,
+    openai_api_key_file: ApiKeyFileOption = None,
     load_checkpoint: Annotated[
         str | None, typer.Option(help="resume from runs/<run>/checkpoints/step-N")
     ] = None,
@@ -139,32 +177,34 @@ def train(
     }
     try:
         cfg = _load(config, overrides, flags)
-        api_key = openai_api_key or os.environ.get("OPENAI_API_KEY")
-        uses_api = "openai" in (cfg.patient.kind, cfg.judge.kind)
-        if uses_api and not api_key:
-            raise ConfigError(
-                "the patient or judge uses an OpenAI-compatible API but no key was given; "
-                "pass --openai-api-key or set OPENAI_API_KEY"
-            )
+        api_key = _api_key(openai_api_key, openai_api_key_file)
+        secret = _check_api_key(cfg, api_key)
         from grpodx.submit import decide_submit
 
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if decide_submit(address, submit):
             job_args = _job_args(config, overrides, flags, load_checkpoint, cfg)
-            exit_code = _submit_job(address, job_args, cfg, api_key if uses_api else None)
+            exit_code = _submit_job(address, job_args, cfg, api_key if secret else None)
             raise typer.Exit(exit_code)
-        from pydantic import SecretStr
-
         from grpodx.orchestrator import Orchestrator
 
-        orchestrator = Orchestrator(
-            cfg, load_checkpoint=load_checkpoint, api_key=SecretStr(api_key) if api_key else None
-        )
+        orchestrator = Orchestrator(cfg, load_checkpoint=load_checkpoint, api_key=secret)
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
+    from grpodx.orchestrator import TrainingHalted, TrainingInterrupted
+    from grpodx.storage import RunDirectoryInUse
+
     try:
         orchestrator.train()
+    except (ConfigError, RunDirectoryInUse) as exc:
+        _fail(str(exc))
+    except TrainingInterrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None  # the shell's code for "stopped by Ctrl-C"
+    except TrainingHalted as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     finally:
         orchestrator.shutdown()
 
@@ -187,19 +227,15 @@ def evaluate(
             "prints the paired difference (--checkpoint minus --compare)"
         ),
     ] = None,
-    openai_api_key: Annotated[
-        str | None,
-        typer.Option(help="key for API-backed patient/judge (default: $OPENAI_API_KEY)", show_default=False),
-    ] = None,
+    openai_api_key: ApiKeyOption = None,
+    openai_api_key_file: ApiKeyFileOption = None,
 ) -> None:
     """Run the doctor on held-out cases and print accuracy, reward, turns, finished and leak shares."""
-    from pydantic import SecretStr
-
     from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
     from grpodx.local import evaluate_doctors
     from grpodx.medical.knowledge import load_knowledge_base
 
-    api_key = openai_api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = _api_key(openai_api_key, openai_api_key_file)
     doctors = [checkpoint] if compare is None else [checkpoint, None if compare == "base" else compare]
     if compare is not None and doctors[0] == doctors[1]:
         _fail("--compare names the doctor being evaluated; pass --checkpoint DIR to compare it with the base")
@@ -208,7 +244,7 @@ def evaluate(
         if cfg.train.eval_cases < 1:  # valid for training (no evaluation), not for `eval`
             given = f"--cases {cases}" if cases is not None else f"train.eval_cases={cfg.train.eval_cases}"
             _fail(f"{given}: nothing to evaluate; pass --cases N with N >= 1")
-        results = asyncio.run(evaluate_doctors(cfg, doctors, SecretStr(api_key) if api_key else None))
+        results = asyncio.run(evaluate_doctors(cfg, doctors, _check_api_key(cfg, api_key)))
     except ConfigError as exc:
         _fail(str(exc))
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -138,6 +139,16 @@ class ApiClientConfig(_Section):
     output_cost_per_mtok: float = Field(0.60, ge=0.0)
 
 
+def _http_url(value: str | None) -> str | None:
+    """An OpenAI-compatible base URL is http(s) with a host; anything else would fail on every call."""
+    if value is None:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("use an http:// or https:// URL with a host, such as http://127.0.0.1:8000/v1")
+    return value
+
+
 class PatientConfig(_Section):
     kind: Literal["scripted", "openai"] = "scripted"
     model: str = "gpt-4o-mini"
@@ -145,7 +156,13 @@ class PatientConfig(_Section):
     max_concurrency: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     max_tokens: int = Field(200, ge=1)
+    # Send each card's seed with the request, so a replayed episode gets the same answers where the
+    # server honours seeds. Off for servers that mishandle it (vLLM's CPU server with chunked prefill
+    # crashes on seeded requests).
+    send_seed: bool = True
     client: ApiClientConfig = Field(default_factory=ApiClientConfig)
+
+    _check_base_url = field_validator("base_url")(_http_url)
 
 
 class JudgeConfig(_Section):
@@ -164,6 +181,8 @@ class JudgeConfig(_Section):
     # Directory for a disk cache of identical judge requests (off when null).
     cache_dir: str | None = None
     client: ApiClientConfig = Field(default_factory=ApiClientConfig)
+
+    _check_base_url = field_validator("base_url")(_http_url)
 
 
 class RewardConfig(_Section):
@@ -218,6 +237,11 @@ class TrainConfig(_Section):
     refresh_version_per_turn: bool = True
     run_dir: str = "runs"
     run_name: str | None = None
+    # The circuit breaker: when more than this share of a step's episodes failed (patient or judge API
+    # errors, dead simulators) in `max_failed_steps` steps in a row, the run saves a checkpoint and
+    # stops instead of "training" on nothing and paying for failed calls.
+    max_failed_share: float = Field(0.5, ge=0.0, le=1.0)
+    max_failed_steps: int = Field(3, ge=1)
 
 
 class RayConfig(_Section):
@@ -235,6 +259,9 @@ class RayConfig(_Section):
     rescale_interval_s: float = Field(2.0, gt=0.0)
     # How long the run waits for rollout workers to start (at launch, or after all were lost).
     worker_start_timeout_s: float = Field(600.0, gt=0.0)
+    # A group not returned within this time means its worker hangs (alive but silent): it is killed,
+    # replaced, and its groups go to another worker. Set it well above the slowest group's duration.
+    group_timeout_s: float = Field(900.0, gt=0.0)
     episodes_per_worker: int = Field(64, ge=1)
     learner_num_gpus: float = Field(0.0, ge=0.0)
     rollout_num_gpus: float = Field(0.0, ge=0.0)

@@ -72,7 +72,12 @@ class Learner:
             "target_modules": targets,
             "task_type": "CAUSAL_LM",
         }
-        self.model = get_peft_model(base, LoraConfig(**self.peft_config))
+        # The LoRA A matrices start random: seeded by train.seed, so that two runs of one config start
+        # from the same adapter (and a resumed run matches an uninterrupted one), without touching the
+        # process's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            self.model = get_peft_model(base, LoraConfig(**self.peft_config))
         # Architectures whose logits are exactly lm_head(last hidden state); the others (Gemma-2's
         # soft-capped logits, say) take the model's own forward.
         self._output_layer_on_loss_tokens = base.config.model_type in PLAIN_OUTPUT_LAYER

@@ -16,6 +16,7 @@ from grpodx.learner import ADAPTER_DIR
 from grpodx.medical.cases import eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.models import AdapterKeysError, best_device, doctor_source
+from grpodx.preflight import check_api_backends
 from grpodx.rollout import RolloutWorker
 
 _PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type")
@@ -51,6 +52,7 @@ async def evaluate_doctors(
     """Episodes of each doctor (``None``: the base doctor, else a checkpoint's adapter) on the same
     held-out cases with the same sampling seeds, so that their rewards pair up case by case."""
     source = doctor_source(config)
+    await check_api_backends(config, api_key)
     patient, judge = make_patient(config, api_key), make_judge(config, api_key)
     device = best_device(config.ray.rollout_num_gpus)
     worker = RolloutWorker("eval", config, source, patient, judge, device=device)

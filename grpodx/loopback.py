@@ -76,9 +76,13 @@ class _State:
 class OpenAICompatibleServer:
     """Start with ``with OpenAICompatibleServer() as server:``; point a client at ``server.base_url``."""
 
-    def __init__(self, latency_s: float = 0.0, supports_json_schema: bool = True):
+    def __init__(
+        self, latency_s: float = 0.0, supports_json_schema: bool = True, served_models: set[str] | None = None
+    ):
         # A fixed delay added to every request (for benchmarks of concurrency and throughput).
         self.latency_s = latency_s
+        # When set, a request for any other model gets OpenAI's 404 (None: every name is served).
+        self.served_models = served_models
         # False makes every json_schema request a 400, like a server without structured output.
         self.supports_json_schema = supports_json_schema
         self._defaults = (latency_s, supports_json_schema)
@@ -208,6 +212,9 @@ class OpenAICompatibleServer:
         self, body: dict[str, Any], fault: Fault | None, authorization: str
     ) -> web.Response | None:
         kind = fault.kind if fault else None
+        if self.served_models is not None and body.get("model") not in self.served_models:
+            message = f"The model `{body.get('model')}` does not exist or you do not have access to it."
+            return _error(404, message, "model_not_found")
         wants_schema = (body.get("response_format") or {}).get("type") == "json_schema"
         if kind == "drop":
             return None

@@ -23,11 +23,15 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
     if n == 0:
         return {"episodes/total": 0.0}
     valid = table.filter(pc.field("valid"))
-    v = max(1, valid.num_rows)
+    # Every rate is over the episodes it is about: the scored ones. With none scored there is no
+    # reward to report, and NaN says so where 0.0 would read as a doctor that scored nothing.
+    v = valid.num_rows or float("nan")
 
     def mean(column: str, source: pa.Table = valid) -> float:
         values = source.column(column)
-        return float(pc.mean(pc.cast(values, pa.float64())).as_py() or 0.0) if source.num_rows else 0.0
+        return (
+            float(pc.mean(pc.cast(values, pa.float64())).as_py() or 0.0) if source.num_rows else float("nan")
+        )
 
     exact = pc.sum(pc.cast(pc.equal(valid.column("judge_category"), "exact"), pa.int64())).as_py() or 0
     finished = pc.sum(pc.cast(pc.is_valid(valid.column("diagnosis")), pa.int64())).as_py() or 0
@@ -36,6 +40,7 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
     return {
         "episodes/total": float(n),
         "episodes/failed": float(n - valid.num_rows),
+        "episodes/failed_share": (n - valid.num_rows) / n,
         "episodes/judge_failures": float(sum(e.startswith("judge:") for e in errors)),
         "episodes/conversation_failures": float(sum(e.startswith("conversation:") for e in errors)),
         "reward/mean": mean("reward"),
@@ -55,6 +60,24 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
         "time/judge_per_episode": mean("judge_s", table),
         **interview_metrics(valid),
     }
+
+
+def failure_report(table: pa.Table) -> str | None:
+    """One line on the step's failed episodes by kind, with one message of each; None when none failed.
+
+    An episode's error reads "<where>: <exception type>: <message>" (see grpodx.env.episode).
+    """
+    errors = [e for e in table.column("error").to_pylist() if e]
+    if not errors:
+        return None
+    kinds: dict[str, list[str]] = {}
+    for error in errors:
+        where, _, rest = error.partition(": ")
+        exception, _, _ = rest.partition(": ")
+        kinds.setdefault(f"{where} {exception}".strip(), []).append(rest)
+    parts = [f"{kind} ×{len(messages)} (e.g. {messages[0]})" for kind, messages in kinds.items()]
+    trained = table.num_rows - len(errors)
+    return f"{len(errors)} of {table.num_rows} episodes failed, {trained} scored: " + "; ".join(parts)
 
 
 def interview_metrics(valid: pa.Table) -> dict[str, float]:
@@ -95,6 +118,14 @@ def within_group_correlation(rows: list[dict], x: str, y: str) -> float:
     return sum(correlations) / len(correlations) if correlations else float("nan")
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a line that does not parse (torn by a crash)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLogger:
     """One JSON line per step in ``metrics.jsonl`` and the same scalars as TensorBoard events.
 
@@ -105,7 +136,10 @@ class MetricsLogger:
     the storage is downloaded first, so a resumed run appends to it as it does locally.
     """
 
-    def __init__(self, run_dir: RunStorage | str | Path):
+    def __init__(self, run_dir: RunStorage | str | Path, resumed_at: int | None = None):
+        """``resumed_at``: the step of the checkpoint a resumed run starts from. Lines of later steps
+        (logged by the first run after that checkpoint, before it died) are dropped, as is a line cut
+        short by the crash: the resumed run logs those steps again, once."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.storage = as_storage(run_dir)
@@ -116,6 +150,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._mirror is not None and self.storage.exists(METRICS_FILE):
             self.path.write_bytes(self.storage.read_bytes(METRICS_FILE))
+        if resumed_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         self._tb = SummaryWriter(log_dir=str(local_dir / TENSORBOARD_DIR))
         self._synced: dict[str, tuple[int, int]] = {}  # mirror file -> (size, mtime_ns) last uploaded

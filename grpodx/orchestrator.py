@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +34,31 @@ from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
 from grpodx.medical.cases import CaseSampler, eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
-from grpodx.metrics import MetricsLogger, rollout_metrics
-from grpodx.models import doctor_source
+from grpodx.metrics import MetricsLogger, failure_report, rollout_metrics
+from grpodx.preflight import (
+    CHECKPOINT_STATE,
+    adapter_shapes,
+    check_api_backends,
+    check_checkpoint,
+    open_run_root,
+    resolve_model,
+)
 from grpodx.rollout import Scenario
 from grpodx.staleness import StalenessGate
-from grpodx.storage import RunStorage
+from grpodx.storage import RunLock, RunStorage
 from grpodx.worker_pool import WORKER_LOST_ERRORS, RolloutPool, WorkerSlot, rollout_bundle
 
-CHECKPOINT_STATE = "orchestrator.json"
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (its circuit breaker) after saving a checkpoint; the message says why."""
+
+
+class TrainingInterrupted(TrainingHalted):
+    """Ctrl-C stopped the run after a step, with a checkpoint."""
+
+
+def _shown(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 @dataclass
@@ -54,7 +73,7 @@ class TrainResult:
 
 def new_run_dir(config: Config) -> RunStorage:
     """A fresh run directory under ``train.run_dir`` (a local path or a URI such as s3://bucket/runs)."""
-    root = RunStorage(config.train.run_dir)
+    root = open_run_root(config.train.run_dir)
     name = config.train.run_name or time.strftime("%Y%m%d-%H%M%S")
     candidate, suffix = name, 1
     while root.exists(candidate):
@@ -76,7 +95,10 @@ def checkpoint_location(checkpoint: str) -> tuple[RunStorage, str]:
                 "runs/<run>/checkpoints/step-000100"
             )
         run_root, rel = str(path.parents[1]), f"{path.parent.name}/{path.name}"
-    return RunStorage(run_root), rel
+    try:
+        return RunStorage(run_root), rel
+    except ValueError as exc:  # a URI pyarrow cannot open
+        raise ConfigError(f"--load-checkpoint {checkpoint}: {exc}") from None
 
 
 def init_ray(config: Config) -> None:
@@ -124,6 +146,13 @@ class Orchestrator:
         self.sampler = CaseSampler(self.kb, "train", config.train.seed)
         self.step = 0
         self.checkpoint: str | None = None
+        # Everything that can be wrong with the settings is found here, before Ray starts or a run
+        # directory is made (see grpodx.preflight).
+        self.model_source, model_config = resolve_model(config, progress=progress)
+        expected_adapter = adapter_shapes(config, model_config)
+        if "openai" in (config.patient.kind, config.judge.kind):
+            asyncio.run(check_api_backends(config, api_key))
+        self._resume_state: dict | None = None
         if load_checkpoint:
             self.storage, self.checkpoint = checkpoint_location(load_checkpoint)
             complete = self.storage.exists(f"{self.checkpoint}/{CHECKPOINT_STATE}") and (
@@ -134,12 +163,16 @@ class Orchestrator:
                     f"--load-checkpoint {load_checkpoint}: no complete checkpoint there; "
                     "pass a directory such as runs/<run>/checkpoints/step-000100"
                 )
+            self._resume_state = check_checkpoint(self.storage, self.checkpoint, config, expected_adapter)
         else:
             self.storage = new_run_dir(config)
-        self.storage.makedirs()
         self.gate = StalenessGate(config.train.max_staleness, config.train.batch_size)
         self.published_version = 0
         self._adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # newest (version, adapter ref)
+        self._lock: RunLock | None = None
+        self._stop_requested = False  # by Ctrl-C
+        self._watching_ctrl_c = False
+        self._saved: str | None = None  # the newest checkpoint this run wrote
 
     # ---- setup ----------------------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -148,8 +181,6 @@ class Orchestrator:
         from grpodx.actors.sim import start_sim_workers
 
         config = self.config
-        # Build (or find) the doctor before any actor starts, so the actors only load it.
-        self.model_source = doctor_source(config, progress=self.progress)
         self.patient_worker, self.judge_worker = start_sim_workers(config, self._api_key)
         self.learner = LearnerActor.options(
             num_cpus=config.ray.learner_num_cpus,
@@ -188,7 +219,7 @@ class Orchestrator:
                 return
 
     def _restore(self) -> None:
-        state = json.loads(self.storage.read_text(f"{self.checkpoint}/{CHECKPOINT_STATE}"))
+        state = self._resume_state
         version = ray.get(self.learner.load_checkpoint.remote(self.storage, self.checkpoint))
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -199,6 +230,7 @@ class Orchestrator:
         if version > 0:
             self._adapter = (version, ray.get(self.learner.publish.remote()))
         self.published_version = version
+        self._saved = self.checkpoint
 
     # ---- scheduling -----------------------------------------------------------------------------
     def _scenario(self, ticket: int) -> Scenario:
@@ -231,7 +263,7 @@ class Orchestrator:
             self.book.on_group_dispatched(ticket, slot.worker_id)
             slot.groups_in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run_group(slot, ticket, scenario))
-            self._in_flight[task] = ticket
+            self._in_flight[task] = (slot.worker_id, time.monotonic())
 
     async def _run_group(self, slot: WorkerSlot, ticket: int, scenario: Scenario):
         try:
@@ -261,23 +293,30 @@ class Orchestrator:
         config = self.config
         self.book = BatchBook(config.train.batch_size, self.step * config.train.batch_size)
         self._ticket_base, self._case_base = self.book.first_ticket, self.sampler.position
-        self._in_flight: dict[asyncio.Task, int] = {}
+        self._in_flight: dict[asyncio.Task, tuple[str, float]] = {}  # task -> (worker, dispatched at)
         self._accumulating = self.step
         self._accumulate_refs: list[ray.ObjectRef] = []
         self._no_worker_since: float | None = None
+        self._failing_steps = 0  # consecutive steps over train.max_failed_share
         step_task: asyncio.Task | None = None
         self._mark = (time.perf_counter(), await self._busy_seconds())
         while self.step < config.train.max_steps or step_task is not None:
+            if self._stop_requested and step_task is None:
+                break  # a step being finished is finished; groups in flight are redone on resume
             self.pool.rescale(self._on_worker_ready)
-            self._dispatch()
-            batch_complete = self.step < config.train.max_steps and self.book.is_batch_complete(
-                self._accumulating
+            if not self._stop_requested:
+                self._dispatch()
+            batch_complete = (
+                not self._stop_requested
+                and self.step < config.train.max_steps
+                and self.book.is_batch_complete(self._accumulating)
             )
             if step_task is None and batch_complete:
                 step_task = asyncio.get_running_loop().create_task(self._finish_step(sink, logger, bar))
                 continue
             waiting = set(self._in_flight) | ({step_task} if step_task else set())
             self._check_workers_alive()
+            self._replace_hung_workers()
             if not waiting:
                 await asyncio.sleep(0.05)
                 continue
@@ -293,6 +332,16 @@ class Orchestrator:
                 self._on_group_done(task.result())
         for task in self._in_flight:
             task.cancel()
+
+    def _replace_hung_workers(self) -> None:
+        """A worker alive but silent (stopped, deadlocked) would hold its groups, and the run, forever.
+        Past ``ray.group_timeout_s`` it is killed like a lost one: its calls then fail, its groups are
+        re-dispatched once (grpodx.batches), and the pool starts a replacement."""
+        timeout, now = self.config.ray.group_timeout_s, time.monotonic()
+        hung = {worker for worker, started in self._in_flight.values() if now - started > timeout}
+        for worker_id in sorted(hung & set(self.pool.slots)):
+            self._log(f"rollout worker {worker_id} returned no group within {timeout:g} s; replacing it")
+            self.pool.on_worker_lost(worker_id)
 
     def _check_workers_alive(self) -> None:
         """Stop with a clear error when no rollout worker has been ready for too long."""
@@ -331,7 +380,10 @@ class Orchestrator:
         table = pa.Table.from_batches(finished, schema=TRAJECTORY_SCHEMA)
         lost = len(self.book.lost_in(batch))
         self.book.forget(batch)
-        sink.write(self.step, table)
+        try:
+            sink.write(self.step, table)
+        except OSError as exc:
+            raise self._cannot_write(f"the trajectories of step {self.step}", exc) from None
         metrics = rollout_metrics(table)
         metrics.update(learner_metrics)
         metrics.update(staleness_metrics(table, trained_by=batch, max_staleness=config.train.max_staleness))
@@ -347,11 +399,19 @@ class Orchestrator:
                 "workers/desired": float(self.pool.desired_count()),
             }
         )
-        logger.log(self.step, metrics)
+        try:
+            logger.log(self.step, metrics)
+        except OSError as exc:
+            raise self._cannot_write(f"the metrics of step {self.step}", exc) from None
         bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+        bar.set_postfix(reward=_shown(metrics["reward/mean"], 3), acc=_shown(metrics["reward/accuracy"], 2))
+        failures = failure_report(table)
+        if failures:
+            self._log(f"step {self.step}: {failures}")
+        saved = None
         if self.step % config.train.save_steps == 0 or self.step == config.train.max_steps:
-            await self._save_checkpoint(logger)
+            saved = await self._save_checkpoint(logger)
+        await self._circuit_breaker(metrics.get("episodes/failed_share", 0.0), failures, logger, saved)
         if config.train.eval_every and self.step % config.train.eval_every == 0:
             for prefix, temperature in self._evaluation_modes():
                 summary = self._summarize(await self.evaluate(config.train.eval_cases, temperature))
@@ -359,13 +419,30 @@ class Orchestrator:
         if self._on_step_end is not None:
             self._on_step_end(self.step, metrics)
 
+    async def _circuit_breaker(
+        self, failed_share: float, failures: str | None, logger: MetricsLogger, saved: str | None
+    ) -> None:
+        """Stop, with a checkpoint, once too many episodes failed for too many steps in a row: a dead
+        API or simulator would otherwise have the run "train" on nothing, and pay for failed calls."""
+        limit, steps = self.config.train.max_failed_share, self.config.train.max_failed_steps
+        self._failing_steps = self._failing_steps + 1 if failed_share > limit else 0
+        if self._failing_steps < steps:
+            return
+        saved = saved or await self._save_checkpoint(logger)
+        logger.close()
+        raise TrainingHalted(
+            f"stopped at step {self.step}: more than {limit:.0%} of the episodes failed in {steps} steps "
+            f"in a row (last step: {failures}). Fix the cause, then resume with --load-checkpoint "
+            f"{self.storage.display(saved)} (or raise train.max_failed_share / train.max_failed_steps)"
+        )
+
     async def _push(self, adapter_ref: ray.ObjectRef, version: int) -> None:
         slots = self.pool.ready_slots()
-        results = await asyncio.gather(
-            *(slot.handle.load_adapter.remote(adapter_ref) for slot in slots), return_exceptions=True
-        )
+        results = await self._ask_workers(slots, lambda handle: handle.load_adapter.remote(adapter_ref))
         for slot, result in zip(slots, results, strict=True):
-            if isinstance(result, WORKER_LOST_ERRORS):
+            if isinstance(result, (*WORKER_LOST_ERRORS, TimeoutError)):
+                if isinstance(result, TimeoutError):
+                    self._log(f"rollout worker {slot.worker_id} did not take the new adapter; replacing it")
                 self.pool.on_worker_lost(slot.worker_id)
             elif isinstance(result, BaseException):
                 raise result
@@ -376,9 +453,17 @@ class Orchestrator:
 
     async def _busy_seconds(self) -> dict[str, float]:
         slots = self.pool.ready_slots()
-        calls = [slot.handle.busy_seconds.remote() for slot in slots]
-        values = await asyncio.gather(*calls, return_exceptions=True)
+        values = await self._ask_workers(slots, lambda handle: handle.busy_seconds.remote())
         return {s.worker_id: v for s, v in zip(slots, values, strict=True) if isinstance(v, float)}
+
+    async def _ask_workers(self, slots: list[WorkerSlot], call: Callable) -> list:
+        """``call(handle)`` on every worker at once: each answer, or the exception it raised, or a
+        TimeoutError after ``ray.group_timeout_s`` (a hung worker must not hold the step)."""
+
+        async def ask(slot: WorkerSlot):
+            return await asyncio.wait_for(call(slot.handle), self.config.ray.group_timeout_s)
+
+        return await asyncio.gather(*(ask(slot) for slot in slots), return_exceptions=True)
 
     async def _timing_metrics(self, accumulated: list[dict], learner_metrics: dict, push_s: float) -> dict:
         """Wall time of the step and the idle shares of the learner and of the generators."""
@@ -448,17 +533,74 @@ class Orchestrator:
         state = {"step": self.step, "sampler": sampler, "adapter_version": self.step}
         # The learner writes the checkpoint where it runs, straight to the run's storage.
         files = {CHECKPOINT_STATE: json.dumps(state, indent=2)}
-        await self.learner.save_checkpoint.remote(self.storage, rel, files)
-        logger.sync()
+        try:
+            await self.learner.save_checkpoint.remote(self.storage, rel, files)
+            logger.sync()
+        except (OSError, ray.exceptions.RayTaskError) as exc:
+            cause = getattr(exc, "cause", exc)
+            if not isinstance(cause, OSError):
+                raise
+            raise self._cannot_write(f"checkpoint {rel}", cause) from None
+        self._saved = rel
         return rel
 
     def train(self) -> TrainResult:
         return asyncio.run(self._train())
 
+    def _cannot_write(self, what: str, error: OSError) -> TrainingHalted:
+        """The run stops when its outputs cannot be written (a full disk, a lost mount): training on
+        without them would lose what it learns. Every write is atomic, so the last checkpoint is whole."""
+        reason = error.strerror or str(error) or type(error).__name__
+        message = f"stopped at step {self.step}: cannot write {what} to {self.storage.display()} ({reason}); "
+        if self._saved is None:
+            return TrainingHalted(message + "no checkpoint was written yet")
+        checkpoint = self.storage.display(self._saved)
+        return TrainingHalted(
+            message
+            + f"the last checkpoint is intact: free space, then resume with --load-checkpoint {checkpoint}"
+        )
+
+    # ---- Ctrl-C ---------------------------------------------------------------------------------
+    def _watch_for_ctrl_c(self) -> None:
+        """The first Ctrl-C stops the run after the step in progress, with a checkpoint; a second one
+        stops it at once (every file is written atomically, so the last checkpoint stays whole)."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_ctrl_c)
+        except (RuntimeError, ValueError):  # not the main thread: Ctrl-C keeps its default meaning
+            return
+        self._watching_ctrl_c = True
+
+    def _stop_watching_ctrl_c(self) -> None:
+        if self._watching_ctrl_c:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+            self._watching_ctrl_c = False
+
+    def _on_ctrl_c(self) -> None:
+        if self._stop_requested:
+            self._stop_watching_ctrl_c()
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self._log("Ctrl-C: stopping after the step in progress, with a checkpoint (Ctrl-C again: at once)")
+
+    async def _stop_interrupted(self, logger: MetricsLogger) -> None:
+        if self._saved != f"checkpoints/step-{self.step:06d}":
+            await self._save_checkpoint(logger)
+        logger.close()
+        checkpoint = self.storage.display(self._saved)
+        raise TrainingInterrupted(
+            f"interrupted at step {self.step}; resume with --load-checkpoint {checkpoint}"
+        )
+
     async def _train(self) -> TrainResult:
         config = self.config
+        self.storage.makedirs()
+        self._lock = RunLock(self.storage)
+        if self._resume_state is None:
+            config_file = "config.yaml"
+        else:  # a resumed run keeps the first run's config.yaml and records its own beside it
+            config_file = f"config-resumed-at-step-{self._resume_state['step']:06d}.yaml"
         init_ray(config)
-        self.storage.write_text("config.yaml", dump_config(config))
+        self.storage.write_text(config_file, dump_config(config))
         self._log(f"run directory: {self.storage.display()}")
         self._start_actors()
         if self.checkpoint is not None:
@@ -466,7 +608,7 @@ class Orchestrator:
             self._log(f"resumed from {self.checkpoint} at step {self.step}")
         await self._start_workers()
         sink = ParquetSink(self.storage)
-        logger = MetricsLogger(self.storage)
+        logger = MetricsLogger(self.storage, resumed_at=self.step if self.checkpoint else None)
         before: dict[str, list[dict]] = {}  # episodes per evaluation mode, for the paired differences
         result: dict = {}  # {mode}_before, {mode}_after, {mode}_paired for summary.json
         if config.train.eval_cases and self.step == 0:
@@ -482,10 +624,14 @@ class Orchestrator:
             unit="step",
             disable=not self.progress,
         )
+        self._watch_for_ctrl_c()
         try:
             await self._train_loop(sink, logger, bar)
         finally:
             bar.close()
+            self._stop_watching_ctrl_c()
+        if self._stop_requested:
+            await self._stop_interrupted(logger)
         if config.train.eval_cases:
             for prefix, temperature in self._evaluation_modes():
                 after = await self.evaluate(config.train.eval_cases, temperature)
@@ -522,7 +668,10 @@ class Orchestrator:
         """Token usage, failures and cost estimate of an API-backed patient/judge: this step and in total."""
         metrics: dict[str, float] = {}
         for role, worker in (("patient", self.patient_worker), ("judge", self.judge_worker)):
-            step, total = await asyncio.gather(worker.usage_delta.remote(), worker.usage_total.remote())
+            try:
+                step, total = await asyncio.gather(worker.usage_delta.remote(), worker.usage_total.remote())
+            except WORKER_LOST_ERRORS:  # restarting (grpodx.actors.sim): its counters died with it
+                continue
             metrics.update({f"api/{role}/{key}": value for key, value in step.items()})
             if total:
                 metrics[f"api/{role}/total_cost_usd"] = total["cost_usd"]
@@ -536,10 +685,13 @@ class Orchestrator:
         workers = self.pool.shutdown_handles() if hasattr(self, "pool") else []
         sims = [getattr(self, "patient_worker", None), getattr(self, "judge_worker", None)]
         closing = [w.close.remote() for w in [*workers, *sims] if w is not None]
-        ray.wait(closing, num_returns=len(closing), timeout=30)
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in [*workers, getattr(self, "learner", None), *sims]:
             if actor is not None:
                 ray.kill(actor)
+        if self._lock is not None:
+            self._lock.release()
 
 
 def staleness_metrics(table: pa.Table, *, trained_by: int, max_staleness: int) -> dict[str, float]:

@@ -327,3 +327,48 @@ class RunStorage:
 def as_storage(location: RunStorage | str | Path) -> RunStorage:
     """``location`` as a :class:`RunStorage` (returned unchanged when it already is one)."""
     return location if isinstance(location, RunStorage) else RunStorage(location)
+
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``run.lock`` inside it.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a crashed run never blocks
+    its own resume. Object stores have no such lock; there the caller must not start two writers.
+    """
+
+    def __init__(self, storage: RunStorage):
+        self._file = None
+        if not storage.is_local:
+            return
+        import fcntl
+        import socket
+
+        path = storage.local_path / LOCK_FILE
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirectoryInUse(
+                f"{storage.display()} is in use by {holder}; wait for that run to end, or pass another "
+                "--load-checkpoint or train.run_name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"grpodx train (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

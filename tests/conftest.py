@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# No test reaches the Hugging Face Hub (nothing but loopback is allowed); a model that is not on disk
+# must fail as "not found", at once. Set before transformers is imported, which reads it then.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
 import torch
 
 from grpodx.config import TinyDoctorConfig

@@ -128,6 +128,12 @@ async def test_patient_answers_from_the_card(server):
     assert "response_format" not in body
 
 
+async def test_patient_seed_can_be_left_out_for_servers_that_mishandle_it(server):
+    async with aclosing(patient_for(server, patient={"send_seed": False})) as patient:
+        assert (await patient.reply(CASE, ask(question_about(HAVE)))).startswith("Yes")
+    assert "seed" not in server.requests[0].body
+
+
 def test_patient_prompt_is_the_card_without_the_condition():
     patient = OpenAIPatient(PatientConfig(), client=None, kb=KB)  # type: ignore[arg-type]
     seen = set()

@@ -230,7 +230,9 @@ def test_group_by_group_accumulation_equals_one_batch(small_model_dir, aggregati
         streamed.accumulate(_table(rows))
     streamed_metrics = streamed.step()
     assert streamed.version == whole.version == 2
-    assert torch.allclose(_adapter_vector(streamed), _adapter_vector(whole), atol=1e-6)
+    # Float noise of summing in another order, which Adam's normalisation lifts to ~1e-6 on some
+    # initialisations; a wrong normaliser moves the adapter by ~lr (1e-2).
+    assert torch.allclose(_adapter_vector(streamed), _adapter_vector(whole), atol=1e-5)
     assert streamed_metrics["learner/tokens"] == whole_metrics["learner/tokens"] == 4 * (3 + 9 + 6)
     assert streamed_metrics["groups/total"] == whole_metrics["groups/total"] == 3
     assert streamed_metrics["learner/loss"] == pytest.approx(whole_metrics["learner/loss"], abs=1e-6)

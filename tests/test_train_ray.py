@@ -115,6 +115,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
         _config(small_model_dir, tmp_path, max_steps=3), load_checkpoint=str(checkpoint), progress=False
     )
     assert resumed.run_dir == run_dir
+    first_config = (run_dir / "config.yaml").read_text()
     result = resumed.train()
     assert result.steps == 3
     assert result.eval_before is None and result.eval_paired is None  # no "before" for a resumed run
@@ -127,6 +128,9 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert state["step"] == 3 and state["sampler"]["position"] == 9
     third = pd.read_parquet(run_dir / "trajectories" / "step-000003.parquet")
     assert set(third["policy_version"]) == {2}
+    # The first run's record of its config stays; the resumed run's is written beside it.
+    assert (run_dir / "config.yaml").read_text() == first_config and "max_steps: 2" in first_config
+    assert "max_steps: 3" in (run_dir / "config-resumed-at-step-000002.yaml").read_text()
 
 
 def test_training_with_api_patient_and_judge(ray_session, small_model_dir, tmp_path):
@@ -214,3 +218,41 @@ def test_pipelined_run_respects_staleness_and_writes_to_a_uri(ray_session, small
     state = json.loads((run_dir / "checkpoints" / "step-000005" / "orchestrator.json").read_text())
     assert state["step"] == 5 and state["sampler"]["position"] == 15
     assert (run_dir / "checkpoints" / "step-000005" / "_COMPLETE").is_file()
+
+
+def test_a_run_whose_patient_api_dies_stops_with_a_checkpoint(ray_session, small_model_dir, tmp_path, capsys):
+    """The API passes the start-up check, then answers 500 to everything: each step reports its failed
+    episodes on the console, logs no reward (null, not 0.0), and the circuit breaker stops the run after
+    train.max_failed_steps steps with a checkpoint to resume from."""
+    from pydantic import SecretStr
+
+    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.orchestrator import TrainingHalted
+
+    with OpenAICompatibleServer() as server:
+        config = _config(
+            small_model_dir,
+            tmp_path,
+            10,
+            "train.eval_cases=0",
+            "train.save_steps=100",
+            "train.max_failed_steps=2",
+            "ray.num_rollout_workers=1",
+            "patient.kind=openai",
+            f"patient.base_url={server.base_url}",
+            "patient.client.max_retries=0",
+        )
+        orchestrator = Orchestrator(config, progress=False, api_key=SecretStr("sk-test-breaker-0123456789"))
+        server.inject("server_error", times=100_000)  # after the start-up check passed
+        with pytest.raises(TrainingHalted, match="more than 50% of the episodes failed in 2 steps") as halted:
+            orchestrator.train()
+        orchestrator.shutdown()
+    run_dir = orchestrator.run_dir
+    assert f"--load-checkpoint {run_dir / 'checkpoints' / 'step-000002'}" in str(halted.value)
+    assert (run_dir / "checkpoints" / "step-000002" / "orchestrator.json").is_file()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["episodes/failed_share"] == 1.0 and line["reward/mean"] is None for line in lines)
+    console = capsys.readouterr().out
+    assert "step 1: 6 of 6 episodes failed, 0 scored: conversation ApiError ×6" in console
+    assert f"patient API call to {server.base_url} failed after 1 attempt(s): HTTP 500" in console

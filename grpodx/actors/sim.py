@@ -8,7 +8,9 @@ same interfaces as the in-process patient and judge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 
 import ray
 from pydantic import SecretStr
@@ -19,6 +21,10 @@ from grpodx.env import make_judge, make_patient
 from grpodx.env.judge import Judge, Verdict
 from grpodx.env.patient import Message, Patient
 from grpodx.medical.cases import CaseCard
+
+SIM_WORKER_RESTARTS = 10
+# How long a call waits for a restarting worker before its episode fails.
+SIM_WORKER_RESTART_WAIT_S = 120.0
 
 
 class _UsageReporting:
@@ -61,15 +67,31 @@ class JudgeWorker(_UsageReporting):
         return await self._inner.score(case, diagnosis, transcript)
 
 
+async def _result_of(call: Callable[[], ray.ObjectRef]):
+    """The worker's answer to ``call()``. While the worker restarts (Ray restarts a dead one) the call
+    is sent again, for up to ``SIM_WORKER_RESTART_WAIT_S``; a failure comes as the worker's own
+    exception (an ``ApiError`` the episode records as such), not Ray's wrapper of a remote traceback."""
+    deadline = time.monotonic() + SIM_WORKER_RESTART_WAIT_S
+    while True:
+        try:
+            return await call()
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause from None
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 class RemotePatient(Patient):
     def __init__(self, handle):
         self.handle = handle
 
     async def opening(self, case: CaseCard) -> str:
-        return await self.handle.opening.remote(case)
+        return await _result_of(lambda: self.handle.opening.remote(case))
 
     async def reply(self, case: CaseCard, history: Sequence[Message]) -> str:
-        return await self.handle.reply.remote(case, list(history))
+        return await _result_of(lambda: self.handle.reply.remote(case, list(history)))
 
 
 class RemoteJudge(Judge):
@@ -77,7 +99,7 @@ class RemoteJudge(Judge):
         self.handle = handle
 
     async def score(self, case: CaseCard, diagnosis: str | None, transcript: Sequence[Message]) -> Verdict:
-        return await self.handle.score.remote(case, diagnosis, list(transcript))
+        return await _result_of(lambda: self.handle.score.remote(case, diagnosis, list(transcript)))
 
 
 def start_sim_workers(config: Config, api_key: SecretStr | None = None):
@@ -85,8 +107,11 @@ def start_sim_workers(config: Config, api_key: SecretStr | None = None):
     autoscaler, and these two serve every worker for the whole run (a soft preference is not enough:
     Ray placed them on rollout nodes in tests)."""
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    patient_options = {"max_concurrency": config.patient.max_concurrency, "scheduling_strategy": here}
-    judge_options = {"max_concurrency": config.judge.max_concurrency, "scheduling_strategy": here}
+    # A worker that dies is restarted by Ray; the calls it had in flight fail, and their episodes are
+    # counted as failed, never scored. Not restarted forever: a worker that keeps dying stops the run.
+    common = {"scheduling_strategy": here, "max_restarts": SIM_WORKER_RESTARTS}
+    patient_options = {"max_concurrency": config.patient.max_concurrency, **common}
+    judge_options = {"max_concurrency": config.judge.max_concurrency, **common}
     patient = PatientWorker.options(**patient_options).remote(config, api_key)
     judge = JudgeWorker.options(**judge_options).remote(config, api_key)
     return patient, judge

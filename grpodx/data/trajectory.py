@@ -94,9 +94,11 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "diagnosis": result.diagnosis,
         "judge_category": verdict.category if verdict else None,
         "judge_rationale": verdict.rationale if verdict else None,
-        "reward": reward.total if reward else 0.0,
-        "reward_judge": reward.judge if reward else 0.0,
-        "reward_guideline": reward.guideline if reward else 0.0,
+        # Null, not 0.0, for a failed episode: it was never scored, and a reader averaging the column
+        # must not count it as a doctor that scored nothing.
+        "reward": reward.total if reward else None,
+        "reward_judge": reward.judge if reward else None,
+        "reward_guideline": reward.guideline if reward else None,
         "hedged": reward.hedged if reward else False,
         "format_errors": reward.format_errors if reward else 0,
         "reasoning_leaks": result.malformed_turns,

@@ -18,7 +18,7 @@ def make_patient(config: Config, api_key: SecretStr | None = None) -> Patient:
         # Imported here so offline runs never import the openai SDK.
         from grpodx.env.api_patient import OpenAIPatient
 
-        key = _require_key(api_key, "patient")
+        key = require_api_key(api_key, "patient")
         return OpenAIPatient.from_config(config.patient, key, load_knowledge_base())
     raise ConfigError(f"patient.kind={config.patient.kind!r} is not available; use scripted or openai")
 
@@ -30,15 +30,15 @@ def make_judge(config: Config, api_key: SecretStr | None = None) -> Judge:
     if config.judge.kind == "openai":
         from grpodx.env.api_judge import OpenAIJudge
 
-        key = _require_key(api_key, "judge")
+        key = require_api_key(api_key, "judge")
         return OpenAIJudge.from_config(config.judge, key, load_knowledge_base())
     raise ConfigError(f"judge.kind={config.judge.kind!r} is not available; use icd or openai")
 
 
-def _require_key(api_key: SecretStr | None, role: str) -> SecretStr:
+def require_api_key(api_key: SecretStr | None, role: str) -> SecretStr:
     if api_key is None or not api_key.get_secret_value():
         raise ConfigError(
-            f"{role}.kind=openai needs an API key: pass --openai-api-key or set OPENAI_API_KEY "
-            f"(a local OpenAI-compatible server without auth accepts any non-empty value)"
+            f"{role}.kind=openai needs an API key: set OPENAI_API_KEY or pass --openai-api-key-file FILE "
+            "(a local OpenAI-compatible server without auth accepts any non-empty value)"
         )
     return api_key

@@ -71,7 +71,7 @@ class OpenAIPatient(ApiBacked, Patient):
                 messages,
                 temperature=self.config.temperature,
                 max_tokens=self.config.max_tokens,
-                seed=(case.seed + attempt) % _SEED_MODULUS,
+                seed=(case.seed + attempt) % _SEED_MODULUS if self.config.send_seed else None,
             )
             text = result.text.strip()
             problem = self._problem(case, text)

@@ -71,15 +71,23 @@ def scrub(text: str, secret: str | None) -> str:
 class ApiError(RuntimeError):
     """A chat call failed for good (retries exhausted or not retryable); the message holds no key."""
 
-    def __init__(self, message: str, kind: FailureKind, status_code: int | None = None, attempts: int = 1):
+    def __init__(
+        self,
+        message: str,
+        kind: FailureKind,
+        status_code: int | None = None,
+        attempts: int = 1,
+        reason: str = "",
+    ):
         super().__init__(message)
         self.kind = kind
         self.status_code = status_code
         self.attempts = attempts
+        self.reason = reason or message  # what the last attempt got, e.g. "HTTP 401: Incorrect API key"
 
     def __reduce__(self):
         # Keeps kind/status across pickling (Ray ships exceptions between processes).
-        return (type(self), (str(self), self.kind, self.status_code, self.attempts))
+        return (type(self), (str(self), self.kind, self.status_code, self.attempts, self.reason))
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,7 @@ class ApiClient:
         base_url: str | None = None,
         max_concurrency: int = 64,
         name: str = "api",
+        warn_on_failure: bool = True,
     ):
         self.config = config
         self.model = model
@@ -291,6 +300,8 @@ class ApiClient:
         self.usage = ApiUsage(config.input_cost_per_mtok, config.output_cost_per_mtok)
         self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
         self._semaphore = asyncio.Semaphore(max_concurrency)
+        # Failure kinds already logged at warning level (all of them when the caller reports failures).
+        self._warned: set[str] = set() if warn_on_failure else set(FAILURE_KINDS)
         # Kept as a SecretStr (masked in any repr); the plain value lives only inside the SDK client.
         self._api_key = api_key
         # max_retries=0: every attempt must pass our limiter and be counted, so retries are ours.
@@ -360,10 +371,17 @@ class ApiClient:
             self.usage.add("calls_cancelled")
             raise
         self.usage.add("calls_failed")
-        message = f"{self.name} API call failed after {attempts} attempt(s): {outcome.message}"
-        log.warning("%s", message)
+        endpoint = self.base_url or "the OpenAI API"
+        message = f"{self.name} API call to {endpoint} failed after {attempts} attempt(s): {outcome.message}"
+        # Once per kind at warning level: a dead server fails every call, and the step's failure report
+        # on the console counts the rest.
+        if outcome.kind not in self._warned:
+            self._warned.add(outcome.kind)
+            log.warning("%s (further %s failures are counted, not logged)", message, outcome.kind)
+        else:
+            log.debug("%s", message)
         # Raised here, outside any ``except`` block, so the SDK exception is not chained to it.
-        raise ApiError(message, outcome.kind, outcome.status_code, attempts)
+        raise ApiError(message, outcome.kind, outcome.status_code, attempts, outcome.message)
 
     async def _attempt(self, request: dict[str, Any], estimated: int) -> ChatResult | _Failure:
         """One HTTP attempt; counts it and turns every SDK failure into a scrubbed :class:`_Failure`."""
