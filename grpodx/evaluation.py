@@ -5,9 +5,56 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pyarrow as pa
 
-def summarize(episodes: Sequence[dict], num_conditions: int | None = None) -> dict[str, float]:
+from grpodx.medical.bayes import ASSESSMENT_FIELDS
+
+# What a summary reads of an episode record (grpodx.data.trajectory.TRAJECTORY_SCHEMA): training and
+# evaluation episodes are the same record, summarised by the same definitions below.
+SUMMARY_COLUMNS = [
+    "case_id",
+    "valid",
+    "reward",
+    "reward_judge",
+    "judge_category",
+    "turns",
+    "diagnosis",
+    "reasoning_leaks",
+    *ASSESSMENT_FIELDS,
+]
+Episodes = pa.Table | pa.RecordBatch | Sequence[dict]
+# The keys of interview_summary (empty when no episode was assessed).
+INTERVIEW_KEYS = (
+    "questions",
+    "information_gain",
+    "information_per_question",
+    "evidence_right",
+    "follows_evidence",
+)
+
+
+def is_correct(episode: dict) -> bool:
+    """The judge found the hidden condition (or a synonym, or its ICD-10-CM code)."""
+    return episode["judge_category"] == "exact"
+
+
+def leaked(episode: dict) -> bool:
+    """A turn's reasoning markup was malformed: unguarded, its reasoning would have reached the patient."""
+    return bool(episode["reasoning_leaks"])
+
+
+def episode_rows(episodes: Episodes) -> list[dict]:
+    """Episode records as dicts of :data:`SUMMARY_COLUMNS` (a table's token columns are left out)."""
+    if isinstance(episodes, pa.RecordBatch):
+        episodes = pa.Table.from_batches([episodes])
+    if isinstance(episodes, pa.Table):
+        return episodes.select(SUMMARY_COLUMNS).to_pylist()
+    return list(episodes)
+
+
+def summarize(episodes: Episodes, num_conditions: int | None = None) -> dict[str, float]:
     """Shares and means over valid episodes; failed ones (patient/judge errors) are counted apart."""
+    episodes = episode_rows(episodes)
     valid = [e for e in episodes if e["valid"]]
     n = len(valid)
 
@@ -18,14 +65,14 @@ def summarize(episodes: Sequence[dict], num_conditions: int | None = None) -> di
     summary = {
         "episodes": float(len(episodes)),
         "failed": float(len(episodes) - n),
-        "accuracy": mean([float(e["correct"]) for e in valid]),
+        "accuracy": mean([float(is_correct(e)) for e in valid]),
         "mean_reward": mean(rewards),
         # Standard error of the mean reward, to judge whether two evaluations really differ.
         "reward_stderr": _stderr(rewards),
-        "partial_credit": mean([e["judge_score"] for e in valid]),
+        "partial_credit": mean([e["reward_judge"] for e in valid]),
         "mean_turns": mean([float(e["turns"]) for e in valid]),
-        "finished": mean([float(e["finished"]) for e in valid]),
-        "leaked": mean([float(e["leaked"]) for e in valid]),
+        "finished": mean([float(e["diagnosis"] is not None) for e in valid]),
+        "leaked": mean([float(leaked(e)) for e in valid]),
         **interview_summary(valid),
     }
     if num_conditions:
@@ -60,17 +107,17 @@ def interview_summary(episodes: Sequence[dict]) -> dict[str, float]:
     }
 
 
-def paired_difference(after: Sequence[dict], before: Sequence[dict]) -> dict[str, float]:
+def paired_difference(after: Episodes, before: Episodes) -> dict[str, float]:
     """Per-case differences between two evaluations of the same cases with the same sampling seeds.
 
     Pairing removes the spread between cases from the comparison: on the tiny doctor one 300-case
     evaluation has a standard error of about 0.028, while the paired difference of two close doctors
     on 1,000 cases is known to about 0.013. Cases where either episode failed are left out.
     """
-    first = {e["case_id"]: e for e in before if e["valid"]}
-    pairs = [(e, first[e["case_id"]]) for e in after if e["valid"] and e["case_id"] in first]
+    first = {e["case_id"]: e for e in episode_rows(before) if e["valid"]}
+    pairs = [(e, first[e["case_id"]]) for e in episode_rows(after) if e["valid"] and e["case_id"] in first]
     reward = [a["reward"] - b["reward"] for a, b in pairs]
-    accuracy = [float(a["correct"]) - float(b["correct"]) for a, b in pairs]
+    accuracy = [float(is_correct(a)) - float(is_correct(b)) for a, b in pairs]
     return {
         "cases": float(len(pairs)),
         "reward_diff": sum(reward) / len(reward) if reward else float("nan"),

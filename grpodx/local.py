@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 from pydantic import SecretStr
 
 from grpodx.config import Config, ConfigError
@@ -48,9 +49,10 @@ def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
 
 async def evaluate_doctors(
     config: Config, checkpoints: Sequence[str | None], api_key: SecretStr | None = None
-) -> list[list[dict]]:
+) -> list[pa.Table]:
     """Episodes of each doctor (``None``: the base doctor, else a checkpoint's adapter) on the same
-    held-out cases with the same sampling seeds, so that their rewards pair up case by case."""
+    held-out cases with the same sampling seeds, so that their rewards pair up case by case; as
+    trajectory records (``TRAJECTORY_SCHEMA``), like a training run's."""
     source = doctor_source(config)
     await check_api_backends(config, api_key)
     patient, judge = make_patient(config, api_key), make_judge(config, api_key)
@@ -61,7 +63,7 @@ async def evaluate_doctors(
     try:
         for version, checkpoint in enumerate(checkpoints, start=1):
             if checkpoint is None:
-                results.append(await worker.evaluate(cases, 0, config.train.eval_temperature))
+                results.append(_table(await worker.evaluate(cases, 0, config.train.eval_temperature)))
                 continue
             # Each adapter loads as the next version; the worker serves the newest one.
             try:
@@ -69,7 +71,7 @@ async def evaluate_doctors(
             except AdapterKeysError as exc:  # name the checkpoint the user passed, not a version number
                 message = str(exc).replace(f"adapter version {version}", str(checkpoint), 1)
                 raise AdapterKeysError(message) from None
-            results.append(await worker.evaluate(cases, version, config.train.eval_temperature))
+            results.append(_table(await worker.evaluate(cases, version, config.train.eval_temperature)))
     finally:
         for part in (patient, judge):
             close = getattr(part, "aclose", None)
@@ -77,3 +79,7 @@ async def evaluate_doctors(
                 await close()
         await worker.engine.close()
     return results
+
+
+def _table(batch: pa.RecordBatch) -> pa.Table:
+    return pa.Table.from_batches([batch])

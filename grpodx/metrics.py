@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from grpodx.medical.bayes import ASSESSMENT_FIELDS
+from grpodx.evaluation import INTERVIEW_KEYS, summarize
 from grpodx.storage import RunStorage, as_storage
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,9 +23,9 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
     if n == 0:
         return {"episodes/total": 0.0}
     valid = table.filter(pc.field("valid"))
-    # Every rate is over the episodes it is about: the scored ones. With none scored there is no
-    # reward to report, and NaN says so where 0.0 would read as a doctor that scored nothing.
-    v = valid.num_rows or float("nan")
+    # Rates are over the scored episodes, by the same definitions as a held-out evaluation; with none
+    # scored they are NaN, where 0.0 would read as a doctor that scored nothing.
+    summary = summarize(table)
 
     def mean(column: str, source: pa.Table = valid) -> float:
         values = source.column(column)
@@ -33,33 +33,36 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
             float(pc.mean(pc.cast(values, pa.float64())).as_py() or 0.0) if source.num_rows else float("nan")
         )
 
-    exact = pc.sum(pc.cast(pc.equal(valid.column("judge_category"), "exact"), pa.int64())).as_py() or 0
-    finished = pc.sum(pc.cast(pc.is_valid(valid.column("diagnosis")), pa.int64())).as_py() or 0
-    leaked = pc.sum(pc.cast(pc.greater(valid.column("reasoning_leaks"), 0), pa.int64())).as_py() or 0
     errors = [e for e in table.column("error").to_pylist() if e]
-    return {
+    metrics = {
         "episodes/total": float(n),
         "episodes/failed": float(n - valid.num_rows),
         "episodes/failed_share": (n - valid.num_rows) / n,
         "episodes/judge_failures": float(sum(e.startswith("judge:") for e in errors)),
         "episodes/conversation_failures": float(sum(e.startswith("conversation:") for e in errors)),
-        "reward/mean": mean("reward"),
-        "reward/accuracy": exact / v,
-        "reward/partial_credit": mean("reward_judge"),
+        "reward/mean": summary["mean_reward"],
+        "reward/accuracy": summary["accuracy"],
+        "reward/partial_credit": summary["partial_credit"],
         "reward/guideline": mean("reward_guideline"),
         "reward/hedged": mean("hedged"),
-        "episodes/turns": mean("turns"),
-        "episodes/finished": finished / v,
+        "episodes/turns": summary["mean_turns"],
+        "episodes/finished": summary["finished"],
         "episodes/format_errors": mean("format_errors"),
-        "episodes/reasoning_leaks": leaked / v,
+        "episodes/reasoning_leaks": summary["leaked"],
         "episodes/truncated": mean("truncated"),
         "tokens/total": float(pc.sum(table.column("num_tokens")).as_py() or 0),
         "tokens/doctor": float(pc.sum(table.column("num_doctor_tokens")).as_py() or 0),
         "time/generation_per_episode": mean("generation_s", table),
         "time/patient_per_episode": mean("patient_s", table),
         "time/judge_per_episode": mean("judge_s", table),
-        **interview_metrics(valid),
     }
+    metrics.update({f"interview/{key}": summary[key] for key in INTERVIEW_KEYS if key in summary})
+    if valid.num_rows:
+        rows = valid.select(["group_id", "information_gain", "reward"]).to_pylist()
+        metrics["interview/information_reward_correlation"] = within_group_correlation(
+            rows, "information_gain", "reward"
+        )
+    return metrics
 
 
 def failure_report(table: pa.Table) -> str | None:
@@ -78,20 +81,6 @@ def failure_report(table: pa.Table) -> str | None:
     parts = [f"{kind} ×{len(messages)} (e.g. {messages[0]})" for kind, messages in kinds.items()]
     trained = table.num_rows - len(errors)
     return f"{len(errors)} of {table.num_rows} episodes failed, {trained} scored: " + "; ".join(parts)
-
-
-def interview_metrics(valid: pa.Table) -> dict[str, float]:
-    """The step's questions and conclusions by the exact posterior (see evaluation.interview_summary)."""
-    from grpodx.evaluation import interview_summary
-
-    summary = interview_summary(valid.select([*ASSESSMENT_FIELDS, "diagnosis"]).to_pylist())
-    metrics = {f"interview/{key}": value for key, value in summary.items()}
-    if summary:
-        rows = valid.select(["group_id", "information_gain", "reward"]).to_pylist()
-        metrics["interview/information_reward_correlation"] = within_group_correlation(
-            rows, "information_gain", "reward"
-        )
-    return metrics
 
 
 def within_group_correlation(rows: list[dict], x: str, y: str) -> float:

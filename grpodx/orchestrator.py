@@ -414,8 +414,8 @@ class Orchestrator:
         await self._circuit_breaker(metrics.get("episodes/failed_share", 0.0), failures, logger, saved)
         if config.train.eval_every and self.step % config.train.eval_every == 0:
             for prefix, temperature in self._evaluation_modes():
-                summary = self._summarize(await self.evaluate(config.train.eval_cases, temperature))
-                logger.log(self.step, {f"{prefix}/{k}": v for k, v in summary.items()})
+                episodes = await self.evaluate(config.train.eval_cases, temperature)
+                self._log_evaluation(logger, prefix, temperature, episodes, f"step-{self.step:06d}")
         if self._on_step_end is not None:
             self._on_step_end(self.step, metrics)
 
@@ -482,21 +482,21 @@ class Orchestrator:
             "time/generator_idle_share": max(0.0, generator_idle),
         }
 
-    async def evaluate(self, count: int, temperature: float | None = None) -> list[dict]:
+    async def evaluate(self, count: int, temperature: float | None = None) -> pa.Table:
         """Episodes of the current adapter on the first ``count`` held-out cases (fixed seeds), at
-        ``temperature`` (default ``train.eval_temperature``)."""
+        ``temperature`` (default ``train.eval_temperature``), as trajectory records."""
         if temperature is None:
             temperature = self.config.train.eval_temperature
         cases = eval_cases(self.kb, count)
         slots = self.pool.ready_slots()
         parts = await asyncio.gather(
             *(
-                slot.handle.evaluate.remote(cases[i :: len(slots)], None, temperature)
+                slot.handle.evaluate.remote(cases[i :: len(slots)], None, temperature, self.step)
                 for i, slot in enumerate(slots)
                 if cases[i :: len(slots)]
             )
         )
-        return [e for part in parts for e in part]
+        return pa.Table.from_batches(parts, schema=TRAJECTORY_SCHEMA)
 
     def _evaluation_modes(self) -> list[tuple[str, float]]:
         """(metrics prefix, temperature) of the held-out evaluations before and after training."""
@@ -505,15 +505,17 @@ class Orchestrator:
             modes.append(("eval_greedy", 0.0))
         return modes
 
-    def _summarize(self, episodes: list[dict]) -> dict:
-        return summarize(episodes, num_conditions=len(self.kb.conditions))
-
     def _log_evaluation(
-        self, logger: MetricsLogger, prefix: str, temperature: float, episodes: list[dict], when: str
+        self, logger: MetricsLogger, prefix: str, temperature: float, episodes: pa.Table, when: str
     ) -> dict:
-        summary = self._summarize(episodes)
+        """Summary of an evaluation in the metrics (and on the console unless mid-run); its episodes in
+        ``evaluation/<when>[-greedy].parquet`` (``when``: before, after, or step-N)."""
+        summary = summarize(episodes, num_conditions=len(self.kb.conditions))
         logger.log(self.step, {f"{prefix}/{k}": v for k, v in summary.items()})
-        self._log(format_summary(summary, f"{when} (T = {temperature:g})"))
+        suffix = "-greedy" if prefix == "eval_greedy" else ""
+        self.storage.write_parquet(f"evaluation/{when}{suffix}.parquet", episodes)
+        if not when.startswith("step-"):
+            self._log(format_summary(summary, f"{when} training (T = {temperature:g})"))
         return summary
 
     def _write_learning_curve(self) -> None:
@@ -609,13 +611,13 @@ class Orchestrator:
         await self._start_workers()
         sink = ParquetSink(self.storage)
         logger = MetricsLogger(self.storage, resumed_at=self.step if self.checkpoint else None)
-        before: dict[str, list[dict]] = {}  # episodes per evaluation mode, for the paired differences
+        before: dict[str, pa.Table] = {}  # episodes per evaluation mode, for the paired differences
         result: dict = {}  # {mode}_before, {mode}_after, {mode}_paired for summary.json
         if config.train.eval_cases and self.step == 0:
             for prefix, temperature in self._evaluation_modes():
                 before[prefix] = await self.evaluate(config.train.eval_cases, temperature)
                 result[f"{prefix}_before"] = self._log_evaluation(
-                    logger, prefix, temperature, before[prefix], "before training"
+                    logger, prefix, temperature, before[prefix], "before"
                 )
         bar = tqdm(
             total=config.train.max_steps,
@@ -635,9 +637,7 @@ class Orchestrator:
         if config.train.eval_cases:
             for prefix, temperature in self._evaluation_modes():
                 after = await self.evaluate(config.train.eval_cases, temperature)
-                result[f"{prefix}_after"] = self._log_evaluation(
-                    logger, prefix, temperature, after, "after training"
-                )
+                result[f"{prefix}_after"] = self._log_evaluation(logger, prefix, temperature, after, "after")
                 if prefix in before:
                     paired = paired_difference(after, before[prefix])
                     logger.log(self.step, {f"{prefix}_paired/{k}": v for k, v in paired.items()})

@@ -25,7 +25,6 @@ from grpodx.engines.base import AdapterWeights, GenerationEngine
 from grpodx.env.episode import EpisodeResult, EpisodeRunner
 from grpodx.env.judge import Judge
 from grpodx.env.patient import Patient
-from grpodx.medical.bayes import assessment_record
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import load_knowledge_base
 
@@ -168,9 +167,14 @@ class RolloutWorker:
         return self._busy_s + ongoing
 
     async def evaluate(
-        self, cases: Sequence[CaseCard], adapter_version: int | None = None, temperature: float = 0.0
-    ) -> list[dict]:
-        """One episode per case; summaries for :func:`grpodx.evaluation.summarize`."""
+        self,
+        cases: Sequence[CaseCard],
+        adapter_version: int | None = None,
+        temperature: float = 0.0,
+        step: int = 0,
+    ) -> pa.RecordBatch:
+        """One episode per case, as the same record as a training episode (group ``eval-<case>``,
+        ``step`` the training step it evaluates); :func:`grpodx.evaluation.summarize` reads it."""
         version = self.engine.latest_version if adapter_version is None else adapter_version
         seeds = [episode_seed(0, case.case_id, 0) for case in cases]
         results = await asyncio.gather(
@@ -179,24 +183,5 @@ class RolloutWorker:
                 for case, seed in zip(cases, seeds, strict=True)
             )
         )
-        return [episode_summary(result) for result in results]
-
-
-def episode_summary(result: EpisodeResult) -> dict:
-    verdict = result.verdict
-    return {
-        "case_id": result.case.case_id,
-        "condition": result.case.condition,
-        "diagnosis": result.diagnosis,
-        "category": verdict.category if verdict else None,
-        "correct": bool(verdict and verdict.category == "exact"),
-        "reward": result.reward.total if result.reward else None,
-        "judge_score": verdict.score if verdict else None,
-        "turns": result.turns,
-        **assessment_record(result.assessment),
-        "finished": result.diagnosis is not None,
-        "leaked": result.malformed_turns > 0,
-        "valid": result.valid,
-        "error": result.error,
-        "adapter_version": result.adapter_version,
-    }
+        tags = [EpisodeTag(step, f"eval-{case.case_id}", 0, self.worker_id) for case in cases]
+        return to_record_batch(list(zip(tags, results, strict=True)))

@@ -10,14 +10,15 @@ from grpodx.evaluation import format_paired, paired_difference, summarize
 
 
 def _episode(case_id: str, reward: float, correct: bool = False, valid: bool = True) -> dict:
+    """An episode record (the columns of TRAJECTORY_SCHEMA that a summary reads)."""
     return {
         "case_id": case_id,
         "reward": reward,
-        "correct": correct,
-        "judge_score": reward,
+        "judge_category": "exact" if correct else "wrong",
+        "reward_judge": reward,
         "turns": 3,
-        "finished": True,
-        "leaked": False,
+        "diagnosis": "Influenza",
+        "reasoning_leaks": 0,
         "valid": valid,
     }
 

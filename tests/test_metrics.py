@@ -15,7 +15,7 @@ BAD_JUDGE = "judge: JudgeError: the judge gave no valid verdict in 3 tries: malf
 
 def _episode(valid: bool, error: str | None = None, **fields) -> dict:
     base = {"group_id": "g", "valid": valid, "error": error, "diagnosis": "Influenza", "turns": 2}
-    base.update({"reward": 1.0, "judge_category": "exact"} if valid else {})
+    base.update({"reward": 1.0, "reward_judge": 1.0, "judge_category": "exact"} if valid else {})
     return {**base, **fields}
 
 
@@ -38,7 +38,7 @@ def test_rates_count_only_the_scored_episodes():
     """A failed episode that had a diagnosis does not make the scored ones look more finished."""
     table = _table(
         _episode(True),
-        _episode(True, diagnosis=None, reward=0.0, judge_category="none"),
+        _episode(True, diagnosis=None, reward=0.0, reward_judge=0.0, judge_category="none"),
         _episode(False, BAD_JUDGE),
     )
     metrics = rollout_metrics(table)

@@ -235,6 +235,7 @@ def test_the_key_can_come_from_a_file(monkeypatch, tmp_path, small_model_dir):
             f"model.name={small_model_dir}",
         ]
         args += ["episode.max_turns=2", "patient.kind=openai", f"patient.base_url={server.base_url}"]
+        args += ["--out", str(tmp_path / "eval")]
         result = RUNNER.invoke(app, args)
         requests = server.requests
     assert result.exit_code == 0, result.output

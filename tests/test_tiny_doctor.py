@@ -25,7 +25,7 @@ from grpodx.dialogue import (
     parse_final_diagnosis,
     strip_reasoning,
 )
-from grpodx.evaluation import paired_difference, summarize
+from grpodx.evaluation import episode_rows, paired_difference, summarize
 from grpodx.local import evaluate_doctors
 from grpodx.medical.bayes import bayes_model
 from grpodx.medical.cases import CaseSampler
@@ -363,7 +363,7 @@ def test_paired_evaluation_repeats_every_episode_of_the_same_weights(tmp_path):
     base, first, again = asyncio.run(evaluate_doctors(config, [None, str(tmp_path / "first"), str(second)]))
 
     def replay(episodes):
-        return [(e["case_id"], e["diagnosis"], e["turns"], e["reward"]) for e in episodes]
+        return [(e["case_id"], e["diagnosis"], e["turns"], e["reward"]) for e in episode_rows(episodes)]
 
     assert replay(first) == replay(again)
     paired = paired_difference(first, again)

@@ -58,6 +58,16 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert summary["eval_greedy_paired"]["cases"] == 4
     assert summary["eval_greedy_before"]["episodes"] == summary["eval_greedy_after"]["episodes"] == 4
     assert "information_per_question" in summary["eval_after"]
+    # The evaluation episodes are kept as training episodes are, and summarise to the same figures.
+    from grpodx.data.trajectory import TRAJECTORY_SCHEMA
+    from grpodx.evaluation import summarize
+
+    for name, step in [("before", 0), ("after", 2), ("before-greedy", 0), ("after-greedy", 2)]:
+        episodes = pq.read_table(run_dir / "evaluation" / f"{name}.parquet")
+        assert episodes.schema == TRAJECTORY_SCHEMA and episodes.num_rows == 4, name
+        assert set(episodes.column("step").to_pylist()) == {step}, name
+    after = pq.read_table(run_dir / "evaluation" / "after.parquet")
+    assert summarize(after)["mean_reward"] == pytest.approx(summary["eval_after"]["mean_reward"])
     # The learning curve is drawn at the end, from metrics.jsonl.
     from matplotlib.image import imread
 

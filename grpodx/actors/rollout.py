@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -35,8 +36,10 @@ class RolloutActor:
     def busy_seconds(self) -> float:
         return self.worker.busy_seconds()
 
-    async def evaluate(self, cases, adapter_version=None, temperature: float = 0.0) -> list[dict]:
-        return await self.worker.evaluate(cases, adapter_version, temperature)
+    async def evaluate(
+        self, cases, adapter_version=None, temperature: float = 0.0, step: int = 0
+    ) -> pa.RecordBatch:
+        return await self.worker.evaluate(cases, adapter_version, temperature, step)
 
     def load_adapter(self, adapter: AdapterWeights) -> int:
         return self.worker.load_adapter(adapter)
