@@ -229,6 +229,10 @@ def evaluate(
     ] = None,
     openai_api_key: ApiKeyOption = None,
     openai_api_key_file: ApiKeyFileOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="where the episodes go, one Parquet file per doctor (default: runs/eval-<time>)"),
+    ] = None,
 ) -> None:
     """Run the doctor on held-out cases and print accuracy, reward, turns, finished and leak shares."""
     from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
@@ -248,10 +252,23 @@ def evaluate(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    import time
+
+    from grpodx.storage import RunStorage
+
     num_conditions = len(load_knowledge_base().conditions)
+    name = time.strftime("eval-%Y%m%d-%H%M%S")
+    storage = RunStorage(out) if out else RunStorage(cfg.train.run_dir).child(name)
+    written: list[str] = []
     for doctor, episodes in zip(doctors, results, strict=True):
         title = "evaluation" + (f" of {doctor}" if doctor else " of the base doctor")
         typer.echo(format_summary(summarize(episodes, num_conditions), title))
+        name = "base" if doctor is None else Path(str(doctor).rstrip("/")).name
+        if name in written:  # two checkpoints may share a base name (step-000100 of two runs)
+            name += f"-{len(written) + 1}"
+        written.append(name)
+        storage.write_parquet(f"{name}.parquet", episodes)
+        typer.echo(f"episodes: {storage.display(f'{name}.parquet')}")
     if compare is not None:
         paired = paired_difference(results[0], results[1])
         typer.echo(format_paired(paired, f"{doctors[0] or 'base'} minus {compare}"))
@@ -358,6 +375,123 @@ def bench(
     typer.echo(f"\nwrote {run_dir / 'bench.json'} and {run_dir / 'bench.md'} ({report['duration_s']:.0f} s)")
     if report["failed"]:
         _fail(f"benchmark(s) failed: {', '.join(report['failed'])} (see {run_dir / 'bench.json'})")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="a checkpoint dir, runs/<run>/checkpoints/step-N")],
+    out: Annotated[Path, typer.Option(help="a new or empty directory to write to")],
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="merge the adapter into the base weights: a plain transformers model"),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="the run's config (default: the run's config.yaml, else configs/tiny-cpu.yaml)",
+        ),
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Write a checkpoint's adapter alone (peft format), or merged into the base model (--merge)."""
+    from grpodx.export import export_checkpoint, run_config_of
+
+    config_path = config or run_config_of(checkpoint) or Path("configs/tiny-cpu.yaml")
+    try:
+        cfg = _load(config_path, overrides, {})
+        info = export_checkpoint(cfg, checkpoint, out, merge=merge)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    if merge:
+        typer.echo(f"wrote {out}: {info['base_model']} with the adapter of {checkpoint} merged in")
+        typer.echo(f"load it with AutoModelForCausalLM.from_pretrained('{out}') (no peft needed)")
+    else:
+        typer.echo(f"wrote {out}: the LoRA adapter of {checkpoint} (peft), for {info['base_model']}")
+        typer.echo(f"serve it with vLLM: --enable-lora --lora-modules doctor={out}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        str, typer.Argument(help="the run directory: a path, or a URI such as s3://bucket/runs/<run>")
+    ],
+) -> None:
+    """Write <run>/report/report.html, one self-contained page (learning curves, held-out results,
+    per-condition accuracy, demographic slices, transcripts, API cost), and print its path."""
+    from grpodx.report import NotARunDirectory, write_report
+
+    try:
+        typer.echo(write_report(run_dir))
+    except NotARunDirectory as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def chat(
+    config: ConfigOption = Path("configs/tiny-cpu.yaml"),
+    overrides: Overrides = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="a checkpoint dir whose adapter talks (default: the base doctor)")
+    ] = None,
+    simulate: Annotated[
+        bool, typer.Option("--simulate", help="watch the doctor interview a simulated patient instead")
+    ] = False,
+    case: Annotated[int | None, typer.Option(help="with --simulate: held-out case number [0]")] = None,
+    condition: Annotated[
+        str | None, typer.Option(help="with --simulate: the first held-out case of this condition")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="sampling temperature [config train.eval_temperature]")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="where conversations.jsonl goes [the checkpoint's run]/chats")
+    ] = None,
+    openai_api_key: ApiKeyOption = None,
+    openai_api_key_file: ApiKeyFileOption = None,
+) -> None:
+    """Talk with the doctor as its patient (its reasoning hidden; /reasoning shows it), or with
+    --simulate watch it interview a simulated patient. Conversations are saved as JSONL."""
+    from grpodx import chat as chatting
+    from grpodx.medical.knowledge import load_knowledge_base
+
+    if (case is not None or condition is not None) and not simulate:
+        _fail("--case and --condition choose the simulated patient; add --simulate")
+    try:
+        cfg = _load(config, overrides, {"train.eval_temperature": temperature})
+        api_key = _api_key(openai_api_key, openai_api_key_file)
+        secret = _check_api_key(cfg, api_key) if simulate else None
+        directory = chatting.conversation_dir(cfg, checkpoint, out)
+        console = chatting.Console(
+            read=_read_line, write=typer.echo, dim=lambda text: typer.style(text, dim=True)
+        )
+        if simulate:
+            console.show_reasoning = True  # dimmed: the point of watching is to see it think
+            card = chatting.find_case(load_knowledge_base(), case, condition)
+            asyncio.run(
+                chatting.simulate_interview(
+                    cfg, checkpoint, card, console, directory, cfg.train.eval_temperature, secret
+                )
+            )
+            return
+        saved = asyncio.run(
+            chatting.chat_with_doctor(cfg, checkpoint, console, directory, cfg.train.eval_temperature)
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"conversations saved to {saved}" if saved else "nothing was said; nothing saved")
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line typed at the console; None at the end of the input (Ctrl-D, or piped input ran out)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        typer.echo("")
+        return None
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ class LoraConfig(_Section):
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # None: the default of the architecture (see grpodx.lora_targets).
+    # None: the default of the architecture (see grpodx.models.LORA_TARGETS).
     target_modules: list[str] | None = None
 
 

@@ -518,14 +518,16 @@ class Orchestrator:
             self._log(format_summary(summary, f"{when} training (T = {temperature:g})"))
         return summary
 
-    def _write_learning_curve(self) -> None:
-        """The PNG of the run's curves; a plotting failure is reported, never fatal to a finished run."""
+    def _write_figures(self) -> None:
+        """The learning curve and the HTML report; a failure is reported, never fatal to a finished run."""
         from grpodx.plots import write_learning_curve
+        from grpodx.report import write_report
 
-        try:
-            self._log(f"learning curve: {write_learning_curve(self.storage)}")
-        except Exception as exc:  # noqa: BLE001
-            self._log(f"could not draw the learning curve ({type(exc).__name__}: {exc})")
+        for what, write in (("learning curve", write_learning_curve), ("report", write_report)):
+            try:
+                self._log(f"{what}: {write(self.storage)}")
+            except Exception as exc:  # noqa: BLE001
+                self._log(f"could not write the {what} ({type(exc).__name__}: {exc})")
 
     async def _save_checkpoint(self, logger: MetricsLogger) -> str:
         rel = f"checkpoints/step-{self.step:06d}"
@@ -648,7 +650,7 @@ class Orchestrator:
         main = {key: result.get(key) for key in ("eval_before", "eval_after", "eval_paired")}
         summary = {"steps": self.step, **main, **result}
         self.storage.write_text("summary.json", json.dumps(summary, indent=2))
-        self._write_learning_curve()
+        self._write_figures()
         self._log(f"run directory: {self.storage.display()}")
         return TrainResult(
             self.run_dir, self.step, main["eval_before"], main["eval_after"], main["eval_paired"]

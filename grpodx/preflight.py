@@ -159,7 +159,10 @@ def check_checkpoint(
             f"--load-checkpoint {where}: its adapter has LoRA rank {saved.get('r')} but lora.rank is "
             f"{config.lora.rank}; pass --lora-rank {saved.get('r')} (or lora.rank={saved.get('r')})"
         )
-    given = safetensors_shapes(read(ADAPTER_WEIGHTS), f"{where}/{ADAPTER_WEIGHTS}")
+    try:
+        given = safetensors_shapes(read(ADAPTER_WEIGHTS), f"{where}/{ADAPTER_WEIGHTS}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; resume from an earlier checkpoint") from None
     _compare_shapes(given, expected, f"{where}/{ADAPTER_WEIGHTS}")
     learner_state = read(LEARNER_STATE_FILE)
     try:  # torch.save writes a zip; a truncated or overwritten one fails its central directory or CRCs
@@ -190,9 +193,7 @@ def safetensors_shapes(data: bytes, where: str) -> dict[str, tuple[int, ...]]:
     tensor's bytes are present (a truncated upload or a half-written copy fails here)."""
 
     def damaged(why: str) -> ConfigError:
-        return ConfigError(
-            f"{where} is not a whole safetensors file ({why}); resume from an earlier checkpoint"
-        )
+        return ConfigError(f"{where} is not a whole safetensors file ({why})")
 
     if len(data) < 8:
         raise damaged(f"{len(data)} bytes")
@@ -219,7 +220,9 @@ def safetensors_shapes(data: bytes, where: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _compare_shapes(given: dict, expected: dict, where: str) -> None:
+def adapter_mismatch(given: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    """What differs between an adapter's tensor shapes and those a model's LoRA layers expect ("" when
+    nothing does): missing tensors, tensors with no place in the model, tensors of another shape."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     wrong = sorted(name for name in set(given) & set(expected) if given[name] != expected[name])
@@ -233,9 +236,14 @@ def _compare_shapes(given: dict, expected: dict, where: str) -> None:
         problems.append(
             f"{len(wrong)} of another shape (e.g. {name}: {given[name]}, expected {expected[name]})"
         )
+    return "; ".join(problems)
+
+
+def _compare_shapes(given: dict, expected: dict, where: str) -> None:
+    problems = adapter_mismatch(given, expected)
     if problems:
         raise ConfigError(
-            f"{where} does not fit the adapter this config builds: {'; '.join(problems)}; resume with "
+            f"{where} does not fit the adapter this config builds: {problems}; resume with "
             "the model and lora settings the checkpoint was trained with"
         )
 

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from grpodx.cli import app
+from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from tests.conftest import save_perturbed_adapter
 
 RUNNER = CliRunner()
 
 
-def test_eval_prints_the_figures(small_model_dir):
+def test_eval_prints_the_figures_and_keeps_the_episodes(small_model_dir, tmp_path):
     result = RUNNER.invoke(
-        app, ["eval", "--cases", "3", f"model.name={small_model_dir}", "episode.max_turns=1"]
+        app,
+        [
+            "eval",
+            "--cases",
+            "3",
+            f"model.name={small_model_dir}",
+            "episode.max_turns=1",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
+    # The episodes are the same record as a training run's, one per case.
+    episodes = pq.read_table(tmp_path / "base.parquet")
+    assert episodes.schema == TRAJECTORY_SCHEMA and episodes.num_rows == 3
+    assert episodes.column("group_id").to_pylist() == [
+        f"eval-{c}" for c in episodes.column("case_id").to_pylist()
+    ]
+    assert f"episodes: {tmp_path / 'base.parquet'}" in result.output
     for figure in (
         "accuracy",
         "random guess",
@@ -48,7 +66,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 def test_eval_compare_prints_both_doctors_and_the_paired_difference(small_model_dir, tmp_path):
     adapter = save_perturbed_adapter(tmp_path / "adapter", small_model_dir, seed=1)
     args = ["eval", "--cases", "6", "--temperature", "0.7", f"model.name={small_model_dir}"]
-    args += ["episode.max_turns=2", "--checkpoint", str(adapter), "--compare", "base"]
+    args += ["episode.max_turns=2", "--checkpoint", str(adapter), "--compare", "base", "--out", str(tmp_path)]
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"evaluation of {adapter}" in result.output

@@ -72,6 +72,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     from matplotlib.image import imread
 
     assert imread(run_dir / "learning_curve.png").shape[0] > 500
+    assert (run_dir / "report" / "report.html").is_file()  # written at the end of every run
 
     # The adapter version advanced on every worker, to the learner's version.
     versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.pool.slots.values()])

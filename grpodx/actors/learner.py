@@ -35,9 +35,6 @@ class LearnerActor:
     def version(self) -> int:
         return self.learner.version
 
-    def device(self) -> str:
-        return str(self.learner.device)
-
     def save_checkpoint(self, storage, rel: str, files: dict[str, str]) -> None:
         """Save locally, add the driver's ``files`` (its state), upload all at once to ``storage/rel``."""
         with tempfile.TemporaryDirectory(prefix="grpodx-checkpoint-") as tmp:
@@ -50,11 +47,4 @@ class LearnerActor:
         with tempfile.TemporaryDirectory(prefix="grpodx-checkpoint-") as tmp:
             storage.download_dir(rel, tmp)
             self.learner.load(tmp)
-        return self.learner.version
-
-    def save(self, directory: str) -> None:
-        self.learner.save(directory)
-
-    def load(self, directory: str) -> int:
-        self.learner.load(directory)
         return self.learner.version

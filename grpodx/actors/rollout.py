@@ -47,9 +47,6 @@ class RolloutActor:
     def adapter_versions(self) -> list[int]:
         return self.worker.adapter_versions()
 
-    def worker_id(self) -> str:
-        return self.worker.worker_id
-
     def node_id(self) -> str:
         """The Ray node this worker runs on (logs name it when a node leaves)."""
         return ray.get_runtime_context().get_node_id()

@@ -92,6 +92,9 @@ class EpisodeRunner:
     kb: KnowledgeBase
     episode_config: EpisodeConfig
     reward_config: RewardConfig
+    # Called with each message as it joins the conversation: (role, visible text, the doctor's raw
+    # turn with its reasoning, or None for the patient). `grpodx chat` prints turns as they come.
+    on_message: Callable[[str, str, str | None], None] | None = None
 
     def sampling(self, seed: int | None = None, temperature: float | None = None) -> SamplingParams:
         settings = self.episode_config.sampling
@@ -117,7 +120,7 @@ class EpisodeRunner:
         # A failed patient, engine or judge call is recorded with its stage and excluded from the
         # gradient; it is never given a default score.
         try:
-            await self._converse(result, sampling, newest_version)
+            await self.converse(result, sampling, newest_version)
         except Exception as exc:  # noqa: BLE001
             result.error = f"conversation: {type(exc).__name__}: {exc}"
             return result
@@ -140,15 +143,20 @@ class EpisodeRunner:
         result.assessment = assess_interview(self.kb, case, result.questions_asked(), result.diagnosis)
         return result
 
-    async def _converse(
-        self, result: EpisodeResult, sampling: SamplingParams, newest_version: Callable[[], int] | None
+    async def converse(
+        self,
+        result: EpisodeResult,
+        sampling: SamplingParams,
+        newest_version: Callable[[], int] | None = None,
     ) -> None:
+        """The conversation alone, into ``result``: until a final diagnosis, the last turn, or the token
+        budget. :meth:`run` adds the judge and the reward."""
         config, chat, case = self.episode_config, self.chat, result.case
         result._extend(chat.message("system", config.system_prompt), 0)
         started = time.perf_counter()
         opening = await self.patient.opening(case)
         result.patient_s += time.perf_counter() - started
-        result.history.append(Message("patient", opening))
+        self._add(result, Message("patient", opening))
         result._extend(chat.message("user", opening) + chat.generation_prompt(), 0)
 
         for turn in range(config.max_turns):
@@ -172,7 +180,7 @@ class EpisodeRunner:
             stripped = strip_reasoning(raw)
             result.malformed_turns += int(stripped.malformed)
             result.doctor_turns_raw.append(raw)
-            result.history.append(Message("doctor", stripped.visible))
+            self._add(result, Message("doctor", stripped.visible), raw)
             diagnosis = parse_final_diagnosis(stripped.visible)
             if diagnosis is not None:
                 result.diagnosis, result.final_text = diagnosis, stripped.visible
@@ -182,8 +190,13 @@ class EpisodeRunner:
             started = time.perf_counter()
             reply = await self.patient.reply(case, result.history)
             result.patient_s += time.perf_counter() - started
-            result.history.append(Message("patient", reply))
+            self._add(result, Message("patient", reply))
             result._extend(chat.message("user", reply), 0)
             if turn == config.max_turns - 2 and config.last_turn_notice:
                 result._extend(chat.message("system", config.last_turn_notice), 0)
             result._extend(chat.generation_prompt(), 0)
+
+    def _add(self, result: EpisodeResult, message: Message, raw: str | None = None) -> None:
+        result.history.append(message)
+        if self.on_message is not None:
+            self.on_message(message.role, message.text, raw)
