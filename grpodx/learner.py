@@ -197,6 +197,8 @@ class Learner:
             "learner/ratio_mean": pending["ratio_mean"] / micro_count if computed else float("nan"),
             "learner/ratio_max": pending["ratio_max"],
             "learner/masked_by_cap": pending["masked_by_cap"],
+            "learner/truncated_tokens": pending["truncated_tokens"],
+            "learner/masked_sequences": pending["masked_sequences"],
             "learner/tokens": float(pending["tokens"]),
             "learner/sequences": float(pending["sequences"]),
             "learner/sequences_computed": float(pending["sequences_computed"]),
@@ -300,6 +302,8 @@ class Learner:
             clip_high=self.config.grpo.clip_high,
             num_tokens=1,
             ratio_cap=self.config.grpo.ratio_cap,
+            truncate_at=self.config.grpo.truncated_is_cap,
+            sequence_bounds=self.config.grpo.sequence_ratio_bounds,
         )
         kl_value = 0.0
         if self.config.grpo.kl_coef > 0:
@@ -325,6 +329,8 @@ class Learner:
             "ratio_mean": float(stats["ratio_mean"]),
             "ratio_max": float(stats["ratio_max"]),
             "masked_by_cap": float(stats["masked_by_cap"]),
+            "truncated_tokens": float(stats["truncated"]),
+            "masked_sequences": float(stats["masked_sequences"]),
             "micro_batches": 1.0,
         }
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from grpodx.algo import grpo
 from grpodx.algo.grpo import (
     gradient_noise_estimates,
     group_advantages,
@@ -478,3 +479,43 @@ def test_gradient_noise_estimates_are_unbiased():
         noises.append(noise)
     assert sum(signals) / len(signals) == pytest.approx(3.5, rel=0.05)
     assert sum(noises) / len(noises) == pytest.approx(25.0, rel=0.02)
+
+
+def test_truncated_importance_weights_by_hand():
+    ratio = torch.tensor([[0.5, 1.0, 3.0]])
+    assert grpo.truncated_weights(ratio, 2.0).tolist() == [[0.5, 1.0, 2.0]]
+    with pytest.raises(ValueError, match=">= 1"):
+        grpo.truncated_weights(ratio, 0.5)
+
+
+def test_truncated_is_loss_gradient_is_the_capped_ratio_times_the_advantage():
+    """-min(r, C) * A * log p: d/d(log p) = -min(r, C) * A per token, token-mean over the mask."""
+    behaviour = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    ratios = torch.tensor([[0.5, 1.0, 3.0]])
+    logprobs = (behaviour + torch.log(ratios)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1]])
+    loss, stats = grpo.policy_loss(logprobs, behaviour, torch.tensor([2.0]), mask, truncate_at=2.0)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.5 * 2, -1.0 * 2, -2.0 * 2]]) / 3)
+    assert stats["truncated"] == 1 and stats["masked_sequences"] == 0
+
+
+def test_sequences_whose_geometric_mean_ratio_leaves_the_bounds_are_masked_by_hand():
+    # Sequence 0: ratios 2 and 2 (geometric mean 2, out of [0.5, 1.5]); sequence 1: 2 and 0.5 (mean 1);
+    # sequence 2: no loss tokens (kept).
+    log_ratio = torch.log(torch.tensor([[2.0, 2.0], [2.0, 0.5], [1.0, 1.0]]))
+    mask = torch.tensor([[1, 1], [1, 1], [0, 0]])
+    keep = grpo.sequence_ratio_keep(log_ratio, mask, (0.5, 1.5))
+    assert keep.tolist() == [False, True, True]
+    behaviour = torch.zeros(3, 2)
+    logprobs = log_ratio.clone().requires_grad_()
+    loss, stats = grpo.policy_loss(
+        logprobs, behaviour, torch.tensor([1.0, 1.0, 1.0]), mask, sequence_bounds=(0.5, 1.5), clip_high=10.0
+    )
+    loss.backward()
+    assert stats["masked_sequences"] == 1
+    assert torch.all(logprobs.grad[0] == 0) and torch.any(logprobs.grad[1] != 0)
+    # The masked sequence's tokens still count in the token mean: 4 loss tokens.
+    assert loss.item() == pytest.approx(-(2.0 + 0.5) / 4)
+    with pytest.raises(ValueError, match="0 < low <= 1 <= high"):
+        grpo.sequence_ratio_keep(log_ratio, mask, (1.2, 2.0))

@@ -16,6 +16,7 @@ Conventions shared by the losses:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -148,6 +149,35 @@ def _check_token_shapes(logprobs: Tensor, other: Tensor, loss_mask: Tensor, othe
         )
 
 
+def truncated_weights(ratio: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling weights ``min(ratio, cap)``, detached.
+
+    The sampler (vLLM in bf16, say) and the learner (float32) give the same token slightly different
+    probabilities; the ratio of the two corrects for it, and truncating it at ``cap`` bounds the
+    variance a rare large ratio would add (Yao et al., 2025, "off-policy RL training" by mismatch).
+    """
+    if cap < 1.0:
+        raise ValueError(f"the truncation cap must be >= 1, got {cap}")
+    return torch.clamp(ratio.detach(), max=cap)
+
+
+def sequence_ratio_keep(log_ratio: Tensor, loss_mask: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """[B] True for the sequences whose geometric-mean ratio over their loss tokens lies in ``bounds``.
+
+    One token's ratio says little, the whole sequence's says whether the sampler and the learner
+    disagree about the episode: such an episode is left out of the step rather than reweighted.
+    A sequence without loss tokens is kept (it adds nothing anyway).
+    """
+    low, high = bounds
+    if not 0.0 < low <= 1.0 <= high:
+        raise ValueError(f"sequence ratio bounds must satisfy 0 < low <= 1 <= high, got {bounds}")
+    mask = loss_mask.bool()
+    counts = mask.sum(dim=1)
+    mean_log = torch.where(mask, log_ratio.detach().float(), 0.0).sum(dim=1) / counts.clamp(min=1)
+    geometric = torch.exp(mean_log)
+    return (counts == 0) | ((geometric >= low) & (geometric <= high))
+
+
 def policy_loss(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -158,6 +188,8 @@ def policy_loss(
     clip_high: float = 0.28,
     num_tokens: float | None = None,
     ratio_cap: float | None = None,
+    truncate_at: float | None = None,
+    sequence_bounds: tuple[float, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped GRPO surrogate, token-mean over the loss mask; returns ``(loss, stats)``.
 
@@ -170,10 +202,18 @@ def policy_loss(
     weights are too stale to trust; they still count in the default denominator, so the normalisation does
     not depend on the ratios and matches what a micro-batching caller passes as ``num_tokens``.
 
+    Two corrections for a sampler whose probabilities differ from the learner's (see
+    :func:`truncated_weights`, :func:`sequence_ratio_keep`): ``truncate_at`` replaces the clipped
+    surrogate by the truncated-importance-sampling policy gradient ``-min(r, C) * A * log p`` (its
+    gradient is ``min(r, C) * A`` times the score); ``sequence_bounds`` drops whole sequences whose
+    geometric-mean ratio leaves ``[low, high]``. Dropped tokens and sequences still count in the default
+    denominator, like the cap's.
+
     ``behaviour_logprobs`` and ``advantages`` are constants of the objective and are detached. Stats are
     detached float32 scalars: ``clip_fraction`` (share of kept tokens where the clipped term won and differs),
     ``ratio_mean`` and ``ratio_max`` (over all loss tokens, before the cap, so the cap does not hide
-    staleness; 0 with no tokens), ``masked_by_cap`` (count) and ``tokens`` (loss tokens in this call).
+    staleness; 0 with no tokens), ``masked_by_cap`` (count), ``truncated`` (tokens whose ratio was above
+    ``truncate_at``), ``masked_sequences`` (count) and ``tokens`` (loss tokens in this call).
     """
     _check_token_shapes(logprobs, behaviour_logprobs, loss_mask, "behaviour_logprobs")
     if advantages.shape != logprobs.shape[:1]:
@@ -188,12 +228,19 @@ def policy_loss(
 
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    if truncate_at is None:
+        per_token = -torch.minimum(unclipped, clipped)
+    else:
+        per_token = -truncated_weights(ratio, truncate_at) * adv * logprobs.float()
 
-    keep = mask
     ratio_d = ratio.detach()
+    within_cap = mask
     if ratio_cap is not None:
-        keep = mask & (ratio_d <= ratio_cap) & (ratio_d >= 1.0 / ratio_cap)
+        within_cap = mask & (ratio_d <= ratio_cap) & (ratio_d >= 1.0 / ratio_cap)
+    sequences_kept = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    if sequence_bounds is not None:
+        sequences_kept = sequence_ratio_keep(log_ratio, mask, sequence_bounds)
+    keep = within_cap & sequences_kept.unsqueeze(1)
 
     loss = torch.where(keep, per_token, 0.0).sum() / _token_denominator(loss_mask, num_tokens)
 
@@ -206,7 +253,9 @@ def policy_loss(
             "ratio_mean": torch.where(mask, ratio_d, 0.0).sum() / n_mask.clamp(min=1).float(),
             # Ratios are positive, so zero-filling the masked positions leaves the max of the rest intact.
             "ratio_max": torch.where(mask, ratio_d, 0.0).max(),
-            "masked_by_cap": (n_mask - n_keep).float(),
+            "masked_by_cap": (mask & ~within_cap).sum().float(),
+            "truncated": (mask & (ratio_d > (truncate_at or math.inf))).sum().float(),
+            "masked_sequences": (~sequences_kept & mask.any(dim=1)).sum().float(),
             "tokens": n_mask.float(),
         }
     return loss, stats
