@@ -45,6 +45,14 @@ FLAG_NAMES = {
 }
 
 
+def _default_of(key: str) -> str:
+    """ "(config; default N)" for a flag's help, N read from the config model so that it cannot drift.
+    Parentheses, not brackets: typer renders help as rich markup, where "[...]" is a style tag and
+    vanishes."""
+    section, name = key.split(".")
+    return f"(config; default {Config.model_fields[section].default_factory().model_fields[name].default})"
+
+
 def _load(config_path: Path, overrides: list[str] | None, flags: dict[str, object]) -> Config:
     given = {key: value for key, value in flags.items() if value is not None}
     extra = [f"{key}={value}" for key, value in given.items()]
@@ -137,21 +145,23 @@ def train(
     load_checkpoint: Annotated[
         str | None, typer.Option(help="resume from runs/<run>/checkpoints/step-N")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="training steps [config, default 1000]")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help=f"training steps {_default_of('train.max_steps')}")
+    ] = None,
     save_steps: Annotated[
-        int | None, typer.Option(help="checkpoint every N steps [config, default 100]")
+        int | None, typer.Option(help=f"checkpoint every N steps {_default_of('train.save_steps')}")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="scenarios (groups) per step [config, default 2]")
+        int | None, typer.Option(help=f"scenarios (groups) per step {_default_of('train.batch_size')}")
     ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank [config, default 16]")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help=f"LoRA rank {_default_of('lora.rank')}")] = None,
     num_generations: Annotated[
-        int | None, typer.Option(help="episodes per group, G [config, default 4]")
+        int | None, typer.Option(help=f"episodes per group, G {_default_of('grpo.num_generations')}")
     ] = None,
     num_rollout_workers: Annotated[
         str | None,
         typer.Option(
-            help="rollout worker actors: a number, or auto (one per rollout node) [config]",
+            help="rollout worker actors: a number, or auto (one per rollout node) (config)",
             callback=_number_or_auto,
         ),
     ] = None,
@@ -216,9 +226,22 @@ def evaluate(
     checkpoint: Annotated[
         str | None, typer.Option(help="a checkpoint dir (its adapter is evaluated)")
     ] = None,
-    cases: Annotated[int | None, typer.Option(help="held-out cases [config train.eval_cases]")] = None,
+    cases: Annotated[
+        int | None,
+        typer.Option(
+            help="held-out cases (config train.eval_cases); with --cases-file, its first N (default all)"
+        ),
+    ] = None,
+    cases_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--cases-file",
+            help="evaluate on the cases of this JSONL file: case cards of the knowledge base, or AgentClinic "
+            "OSCE vignettes (needs patient.kind=openai)",
+        ),
+    ] = None,
     temperature: Annotated[
-        float | None, typer.Option(help="sampling temperature [config, 0 = greedy]")
+        float | None, typer.Option(help="sampling temperature (config, 0 = greedy)")
     ] = None,
     compare: Annotated[
         str | None,
@@ -245,10 +268,19 @@ def evaluate(
         _fail("--compare names the doctor being evaluated; pass --checkpoint DIR to compare it with the base")
     try:
         cfg = _load(config, overrides, {"train.eval_cases": cases, "train.eval_temperature": temperature})
-        if cfg.train.eval_cases < 1:  # valid for training (no evaluation), not for `eval`
+        # valid for training (no evaluation), not for `eval`; a cases file alone means all its cases
+        if cfg.train.eval_cases < 1 and (cases_file is None or cases is not None):
             given = f"--cases {cases}" if cases is not None else f"train.eval_cases={cfg.train.eval_cases}"
             _fail(f"{given}: nothing to evaluate; pass --cases N with N >= 1")
-        results = asyncio.run(evaluate_doctors(cfg, doctors, _check_api_key(cfg, api_key)))
+        file_cases = None
+        if cases_file is not None:
+            from grpodx.medical.case_file import load_case_file
+
+            label = f"--cases-file {cases_file}"
+            loaded = load_case_file(cases_file, load_knowledge_base(), label)
+            loaded.check_playable(cfg, label)
+            file_cases = list(loaded.cards if cases is None else loaded.cards[:cases])
+        results = asyncio.run(evaluate_doctors(cfg, doctors, _check_api_key(cfg, api_key), file_cases))
     except ConfigError as exc:
         _fail(str(exc))
         return
@@ -333,7 +365,7 @@ def bench(
         list[str] | None, typer.Option("--only", help="run only this benchmark (repeat, or a,b)")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(min=1, help="repeats per measurement [3; with --quick 1]")
+        int | None, typer.Option(min=1, help="repeats per measurement (3; with --quick 1)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: runs/bench-<timestamp>)")] = None,
     device: Annotated[str, typer.Option(help="learner benchmark device: cpu, or cuda for a GPU")] = "cpu",
@@ -439,15 +471,15 @@ def chat(
     simulate: Annotated[
         bool, typer.Option("--simulate", help="watch the doctor interview a simulated patient instead")
     ] = False,
-    case: Annotated[int | None, typer.Option(help="with --simulate: held-out case number [0]")] = None,
+    case: Annotated[int | None, typer.Option(help="with --simulate: held-out case number (0)")] = None,
     condition: Annotated[
         str | None, typer.Option(help="with --simulate: the first held-out case of this condition")
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option(help="sampling temperature [config train.eval_temperature]")
+        float | None, typer.Option(help="sampling temperature (config train.eval_temperature)")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="where conversations.jsonl goes [the checkpoint's run]/chats")
+        Path | None, typer.Option(help="where conversations.jsonl goes (the checkpoint's run)/chats")
     ] = None,
     openai_api_key: ApiKeyOption = None,
     openai_api_key_file: ApiKeyFileOption = None,

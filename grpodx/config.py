@@ -236,6 +236,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(2, ge=1)
     seed: int = 0
     eval_cases: int = Field(64, ge=0)
+    # A JSONL file of cases to train on instead of generated ones: case cards in the project's own
+    # schema, or AgentClinic OSCE vignettes (patient.kind=openai); see grpodx/medical/case_file.py.
+    # Its cases are split train/eval by a hash of their content: training draws the train share, the
+    # held-out evaluations (and `grpodx eval` without --cases-file) use the eval share.
+    cases_file: str | None = None
     eval_every: int = Field(0, ge=0)
     # 0 = greedy evaluation, so before/after figures do not move with sampling noise.
     eval_temperature: float = Field(0.0, ge=0.0)

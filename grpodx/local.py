@@ -14,7 +14,8 @@ from grpodx.config import Config, ConfigError
 from grpodx.engines.base import AdapterWeights
 from grpodx.env import make_judge, make_patient
 from grpodx.learner import ADAPTER_DIR
-from grpodx.medical.cases import eval_cases
+from grpodx.medical.case_file import load_cases_for
+from grpodx.medical.cases import CaseCard, eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.models import AdapterKeysError, best_device, doctor_source
 from grpodx.preflight import check_api_backends
@@ -48,17 +49,24 @@ def read_adapter(checkpoint: str | Path, version: int = 1) -> AdapterWeights:
 
 
 async def evaluate_doctors(
-    config: Config, checkpoints: Sequence[str | None], api_key: SecretStr | None = None
+    config: Config,
+    checkpoints: Sequence[str | None],
+    api_key: SecretStr | None = None,
+    cases: Sequence[CaseCard] | None = None,
 ) -> list[pa.Table]:
     """Episodes of each doctor (``None``: the base doctor, else a checkpoint's adapter) on the same
     held-out cases with the same sampling seeds, so that their rewards pair up case by case; as
-    trajectory records (``TRAJECTORY_SCHEMA``), like a training run's."""
+    trajectory records (``TRAJECTORY_SCHEMA``), like a training run's. ``cases`` (a user's, see
+    grpodx.medical.case_file) replace the held-out set: the first ``train.eval_cases`` of the eval
+    share of ``train.cases_file`` when that is set, else of the generated cards."""
+    if cases is None:
+        kb = load_knowledge_base()
+        cases = eval_cases(kb, config.train.eval_cases, cases=load_cases_for(config, kb))
     source = doctor_source(config)
     await check_api_backends(config, api_key)
     patient, judge = make_patient(config, api_key), make_judge(config, api_key)
     device = best_device(config.ray.rollout_num_gpus)
     worker = RolloutWorker("eval", config, source, patient, judge, device=device)
-    cases = eval_cases(load_knowledge_base(), config.train.eval_cases)
     results = []
     try:
         for version, checkpoint in enumerate(checkpoints, start=1):

@@ -32,7 +32,7 @@ from grpodx.config import Config, ConfigError, dump_config
 from grpodx.data.sink import ParquetSink
 from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.evaluation import format_paired, format_summary, paired_difference, summarize
-from grpodx.medical.cases import CaseSampler, eval_cases
+from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.metrics import MetricsLogger, failure_report, rollout_metrics
 from grpodx.preflight import (
@@ -143,7 +143,7 @@ class Orchestrator:
         # Called after every step with (step, metrics); tests use it to change the cluster mid-run.
         self._on_step_end = on_step_end
         self.kb = load_knowledge_base()
-        self.sampler = CaseSampler(self.kb, "train", config.train.seed)
+        self.sampler = CaseSampler.for_config(self.kb, config)
         self.step = 0
         self.checkpoint: str | None = None
         # Everything that can be wrong with the settings is found here, before Ray starts or a run
@@ -487,7 +487,7 @@ class Orchestrator:
         ``temperature`` (default ``train.eval_temperature``), as trajectory records."""
         if temperature is None:
             temperature = self.config.train.eval_temperature
-        cases = eval_cases(self.kb, count)
+        cases = self.sampler.held_out(count)
         slots = self.pool.ready_slots()
         parts = await asyncio.gather(
             *(

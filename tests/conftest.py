@@ -61,3 +61,20 @@ def save_perturbed_adapter(directory, model_dir, seed: int, scale: float = 1.0):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     peft_model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    """Our Chat Completions server on 127.0.0.1, one per test module."""
+    from grpodx.loopback import OpenAICompatibleServer
+
+    with OpenAICompatibleServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(loopback):
+    """The module's loopback server, with no requests or queued faults left from another test."""
+    loopback.reset()
+    yield loopback
+    loopback.reset()

@@ -26,7 +26,7 @@ from grpodx.env.api_patient import OpenAIPatient, PatientError
 from grpodx.env.judge import IcdJudge, JudgeError, Verdict
 from grpodx.env.llm import TRANSPORT_FAILURES, ApiError, RateLimiter, retry_after_seconds
 from grpodx.env.patient import Message, ScriptedPatient
-from grpodx.loopback import Fault, OpenAICompatibleServer
+from grpodx.loopback import Fault
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
 
@@ -36,19 +36,6 @@ SECRET = "sk-test-" + "Zq9xW" * 8
 KEY = SecretStr(SECRET)
 # Fast retries so that the tests measure our logic, not sleeps.
 FAST = {"timeout_s": 2.0, "max_retries": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.05}
-
-
-@pytest.fixture(scope="module")
-def loopback():
-    with OpenAICompatibleServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(loopback):
-    loopback.reset()
-    yield loopback
-    loopback.reset()
 
 
 def config(server, patient: dict | None = None, judge: dict | None = None, **client) -> Config:

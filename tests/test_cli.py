@@ -161,3 +161,12 @@ def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_config_file(tmp_path):
     bad.write_text("train:\n  batch_size: -1\n")
     result = RUNNER.invoke(app, ["train", "--config", str(bad), "--max-steps", "3"])
     assert result.exit_code == 2 and f"{bad}: bad value for 'train.batch_size'" in result.output
+
+
+def test_flag_help_shows_the_config_models_default():
+    """The defaults are read from the config model (they cannot drift) and survive rich's markup."""
+    from grpodx.config import TrainConfig
+
+    result = RUNNER.invoke(app, ["train", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert f"training steps (config; default {TrainConfig().max_steps})" in result.output
+    assert "LoRA rank (config; default 16)" in result.output

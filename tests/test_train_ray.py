@@ -267,3 +267,23 @@ def test_a_run_whose_patient_api_dies_stops_with_a_checkpoint(ray_session, small
     console = capsys.readouterr().out
     assert "step 1: 6 of 6 episodes failed, 0 scored: conversation ApiError ×6" in console
     assert f"patient API call to {server.base_url} failed after 1 attempt(s): HTTP 500" in console
+
+
+def test_training_on_a_cases_file(ray_session, small_model_dir, tmp_path):
+    """train.cases_file: the run trains on the file's train share and evaluates on its held-out share."""
+    from grpodx.medical.case_file import load_case_file
+    from grpodx.medical.knowledge import load_knowledge_base
+    from tests.test_own_cases import many_cards, write_jsonl
+
+    cases_file = write_jsonl(tmp_path / "cases.jsonl", many_cards(60))
+    cards = load_case_file(cases_file, load_knowledge_base()).cards
+    split = {card.case_id: card.split for card in cards}
+    config = _config(small_model_dir, tmp_path, 1, f"train.cases_file={cases_file}", "train.eval_cases=3")
+    orchestrator = Orchestrator(config, progress=False)
+    try:
+        result = orchestrator.train()
+    finally:
+        orchestrator.shutdown()
+    trained = pd.read_parquet(result.run_dir / "trajectories")["case_id"]
+    evaluated = pd.read_parquet(result.run_dir / "evaluation" / "after.parquet")["case_id"]
+    assert {split[c] for c in trained} == {"train"} and {split[c] for c in evaluated} == {"eval"}

@@ -170,6 +170,8 @@ class OpenAIJudge(ApiBacked, Judge):
     async def score(self, case: CaseCard, diagnosis: str | None, transcript: Sequence[Message]) -> Verdict:
         if not diagnosis or not diagnosis.strip():
             return Verdict(0.0, "none", "no final diagnosis was given")
+        if case.vignette is not None:
+            return await self._score_vignette(case, diagnosis, transcript)
         icd_verdict = self.icd.verdict(case, diagnosis)
         answer = await self.answer(case, diagnosis, transcript)
         weight = self.config.icd_blend_weight
@@ -178,6 +180,16 @@ class OpenAIJudge(ApiBacked, Judge):
             score = (1.0 - weight) * answer.score + weight * icd_verdict.score
             rationale += f" [blended with ICD-10-CM {icd_verdict.category} = {icd_verdict.score:g}]"
         return Verdict(score, answer.category, rationale, icd_verdict.predicted_code)
+
+    async def _score_vignette(self, case: CaseCard, diagnosis: str, transcript: Sequence[Message]) -> Verdict:
+        """A free-text case (grpodx.medical.case_file): the offline ICD-10-CM scale when its diagnosis has
+        a code and the doctor's answer can be placed on it, the model (without a blend) otherwise."""
+        if case.icd10:
+            verdict = self.icd.verdict(case, diagnosis)
+            if verdict.category == "exact" or verdict.predicted_code is not None:
+                return verdict
+        answer = await self.answer(case, diagnosis, transcript)
+        return Verdict(answer.score, answer.category, answer.rationale, None)
 
     async def answer(self, case: CaseCard, diagnosis: str, transcript: Sequence[Message]) -> JudgeAnswer:
         """The validated model answer (from the cache when allowed); raises JudgeError when none comes."""
@@ -226,12 +238,21 @@ class OpenAIJudge(ApiBacked, Judge):
         raise JudgeError(f"the judge model gave no valid verdict in {attempts} tries: {problem}")
 
     def messages(self, case: CaseCard, diagnosis: str, transcript: Sequence[Message]) -> list[dict[str, str]]:
-        condition = self.kb.condition(case.condition)
-        synonyms = "; ".join(condition.synonyms) or "(none)"
+        if case.vignette is None:
+            condition = self.kb.condition(case.condition)
+        else:  # a free-text case: by name when the knowledge base knows its diagnosis
+            condition = self.kb.find_condition(case.condition)
+        if condition is not None:
+            name, code, synonyms = condition.name, condition.icd10, "; ".join(condition.synonyms) or "(none)"
+        else:  # a free-text case's diagnosis as written (grpodx.medical.case_file)
+            from grpodx.medical.case_file import gold_names
+
+            name, code = case.condition, case.icd10 or "(none found)"
+            synonyms = "; ".join(gold_names(self.kb, case)[1:]) or "(none)"
         lines = "\n".join(f"{'Doctor' if m.role == 'doctor' else 'Patient'}: {m.text}" for m in transcript)
         user = (
-            f"Hidden condition: {condition.name}\n"
-            f"ICD-10-CM code: {condition.icd10}\n"
+            f"Hidden condition: {name}\n"
+            f"ICD-10-CM code: {code}\n"
             f"Synonyms: {synonyms}\n\n"
             f"Transcript (the doctor's private reasoning removed):\n<transcript>\n{lines}\n</transcript>\n\n"
             f"Doctor's final diagnosis:\n<diagnosis>{diagnosis[:_MAX_DIAGNOSIS_CHARS]}</diagnosis>"

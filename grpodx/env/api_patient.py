@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from grpodx.config import PatientConfig
 from grpodx.env.llm import ApiBacked, ApiClient
 from grpodx.env.patient import Message, Patient, ScriptedPatient
+from grpodx.medical.case_file import gold_names, vignette_opening
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase
 
@@ -42,6 +43,12 @@ checked that or you do not know.
 6. Stay in character as the patient. Never mention these instructions, lists or that you are an AI."""
 
 
+VIGNETTE_INTRO = (
+    "You are role-playing a patient who has come to see a doctor (for a young child, the parent who "
+    "brought them in). Stay in character for the whole conversation."
+)
+
+
 class PatientError(RuntimeError):
     """The patient model gave no usable reply; the episode is excluded, never trained on."""
 
@@ -60,6 +67,8 @@ class OpenAIPatient(ApiBacked, Patient):
         return cls(config, cls.make_client(config, api_key, "patient"), kb)
 
     async def opening(self, case: CaseCard) -> str:
+        if case.vignette is not None:
+            return vignette_opening(case)
         return self._scripted.opening_text(case)
 
     async def reply(self, case: CaseCard, history: Sequence[Message]) -> str:
@@ -91,6 +100,10 @@ class OpenAIPatient(ApiBacked, Patient):
 
     def system_prompt(self, case: CaseCard) -> str:
         """The card in a patient's words; a pure function of the card (never the condition's name)."""
+        if case.vignette is not None:
+            # A free-text case (grpodx.medical.case_file): its patient actor's part, checked on loading
+            # not to name the diagnosis; the examination and the tests are there by name only.
+            return "\n\n".join([VIGNETTE_INTRO, case.vignette, PATIENT_RULES])
         person = "woman" if case.sex == "female" else "man"
         symptoms_present = [s for s in case.present if self.kb.symptom(s).kind == "symptom"]
         symptoms_absent = [s for s in case.absent if self.kb.symptom(s).kind == "symptom"]
@@ -119,7 +132,12 @@ class OpenAIPatient(ApiBacked, Patient):
         """Why a reply is unusable ("" when it is fine)."""
         if not text:
             return "empty reply"
-        for name in self.kb.condition(case.condition).all_names():
+        names = (
+            self.kb.condition(case.condition).all_names()
+            if case.vignette is None
+            else gold_names(self.kb, case)
+        )
+        for name in names:
             if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE):
                 return "the reply names the hidden condition"
         return ""

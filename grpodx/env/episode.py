@@ -140,7 +140,8 @@ class EpisodeRunner:
             final_text=result.final_text,
             malformed_turns=result.malformed_turns,
         )
-        result.assessment = assess_interview(self.kb, case, result.questions_asked(), result.diagnosis)
+        if case.vignette is None:  # the exact posterior exists only for cards of the knowledge base
+            result.assessment = assess_interview(self.kb, case, result.questions_asked(), result.diagnosis)
         return result
 
     async def converse(

@@ -26,7 +26,7 @@ from grpodx.dialogue import diagnosis_alternatives
 from grpodx.env.patient import Message
 from grpodx.medical import icd
 from grpodx.medical.cases import CaseCard
-from grpodx.medical.knowledge import KnowledgeBase
+from grpodx.medical.knowledge import KnowledgeBase, _name_key
 
 PARTIAL_CREDIT = {"exact": 1.0, "category": 0.6, "block": 0.3, "chapter": 0.1, "none": 0.0}
 
@@ -70,6 +70,8 @@ class IcdJudge(Judge):
             return Verdict(0.0, "none", "no final diagnosis was given")
         alternatives = diagnosis_alternatives(diagnosis) or [diagnosis]
         named = alternatives[0]
+        if case.vignette is not None:
+            return self._vignette_verdict(case, named)
         hidden = self.kb.condition(case.condition)
         if self.kb.find_condition(named) is hidden:
             return Verdict(1.0, "exact", f"'{named}' names {hidden.name}", hidden.icd10)
@@ -78,3 +80,25 @@ class IcdJudge(Judge):
             return Verdict(0.0, "none", f"'{named}' is not a condition the judge recognises")
         level = icd.closeness(code, hidden.icd10)
         return Verdict(PARTIAL_CREDIT[level], level, f"'{named}' ({code}) vs {hidden.icd10}: {level}", code)
+
+    def _vignette_verdict(self, case: CaseCard, named: str) -> Verdict:
+        """A free-text case (grpodx.medical.case_file): scored against its diagnosis as written and the
+        ICD-10-CM code it maps to; a code below the gold one (G70.00 for G70.0) names it exactly."""
+        from grpodx.medical.case_file import gold_names
+
+        hidden = self.kb.find_condition(case.condition)
+        if hidden is not None and self.kb.find_condition(named) is hidden:
+            return Verdict(1.0, "exact", f"'{named}' names {hidden.name}", hidden.icd10)
+        if hidden is None and _name_key(named) in {_name_key(name) for name in gold_names(self.kb, case)}:
+            return Verdict(1.0, "exact", f"'{named}' names {case.condition}", case.icd10 or None)
+        if not case.icd10:
+            raise JudgeError(
+                f"the diagnosis {case.condition!r} of case {case.case_id} maps to no ICD-10-CM code; only "
+                "the API judge (judge.kind=openai) can score it"
+            )
+        code = self.resolve(named)
+        if code is None:
+            return Verdict(0.0, "none", f"'{named}' is not a condition the judge recognises")
+        gold = case.icd10
+        level = "exact" if code.startswith(gold) else icd.closeness(code, gold)
+        return Verdict(PARTIAL_CREDIT[level], level, f"'{named}' ({code}) vs {gold}: {level}", code)

@@ -115,6 +115,11 @@ class ScriptedPatient(Patient):
         self.triggered = {s.id for s in kb.symptoms if _TRIGGERED_PHRASE.search(s.phrase)}
 
     async def opening(self, case: CaseCard) -> str:
+        if case.vignette is not None:  # loading such a file with this patient is refused before this
+            raise ValueError(
+                f"case {case.case_id} is a free-text vignette, which only a language-model patient can "
+                "play (patient.kind=openai)"
+            )
         return self.opening_text(case)
 
     async def reply(self, case: CaseCard, history: Sequence[Message]) -> str:

@@ -38,7 +38,13 @@ def is_hedged(diagnosis: str | None) -> bool:
 
 
 def guideline_adherence(kb: KnowledgeBase, case: CaseCard, final_text: str | None) -> float:
-    steps = kb.condition(case.condition).next_steps
+    if case.vignette is not None:
+        # A free-text case: the next steps of its diagnosis when the knowledge base knows it, else none
+        # to name (there is nothing to check them against).
+        known = kb.find_condition(case.condition)
+        steps = known.next_steps if known is not None else []
+    else:
+        steps = kb.condition(case.condition).next_steps
     if not steps:
         return 1.0
     if not final_text:
