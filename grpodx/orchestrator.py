@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ import ray
 from pydantic import SecretStr
 from tqdm import tqdm
 
-from grpodx.batches import BatchBook
 from grpodx.config import Config, ConfigError, dump_config
 from grpodx.data.sink import ParquetSink
 from grpodx.data.trajectory import TRAJECTORY_SCHEMA
@@ -43,8 +41,8 @@ from grpodx.preflight import (
     open_run_root,
     resolve_model,
 )
-from grpodx.rollout import Scenario
-from grpodx.staleness import StalenessGate
+from grpodx.ray_cluster import init_ray
+from grpodx.scheduler import Scheduler
 from grpodx.storage import RunLock, RunStorage
 from grpodx.worker_pool import WORKER_LOST_ERRORS, RolloutPool, WorkerSlot, rollout_bundle
 
@@ -101,32 +99,6 @@ def checkpoint_location(checkpoint: str) -> tuple[RunStorage, str]:
         raise ConfigError(f"--load-checkpoint {checkpoint}: {exc}") from None
 
 
-def init_ray(config: Config) -> None:
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    workers = 1 if config.ray.num_rollout_workers == "auto" else config.ray.num_rollout_workers
-    needed = workers * config.ray.rollout_num_cpus + config.ray.learner_num_cpus + 1
-    # Logical CPUs only schedule actors; the tiny run's actors mostly wait on each other, so a local
-    # run may declare more than the machine has. address="local": a cluster of our own, never the
-    # last one `ray start` left on this machine (which ray.init would otherwise join).
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-        include_dashboard=config.ray.dashboard,
-        log_to_driver=True,
-        configure_logging=False,
-    )
-
-
-def group_id(step: int, index: int) -> str:
-    """The id of the ``index``-th group of a step, as it appears in the trajectories."""
-    return f"s{step:06d}-g{index:03d}"
-
-
 class Orchestrator:
     def __init__(
         self,
@@ -166,13 +138,24 @@ class Orchestrator:
             self._resume_state = check_checkpoint(self.storage, self.checkpoint, config, expected_adapter)
         else:
             self.storage = new_run_dir(config)
-        self.gate = StalenessGate(config.train.max_staleness, config.train.batch_size)
         self.published_version = 0
         self._adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # newest (version, adapter ref)
         self._lock: RunLock | None = None
         self._stop_requested = False  # by Ctrl-C
         self._watching_ctrl_c = False
         self._saved: str | None = None  # the newest checkpoint this run wrote
+        # Started by train(): the actors, the worker pool and the scheduler.
+        self.learner = self.patient_worker = self.judge_worker = None
+        self.pool: RolloutPool | None = None
+        self.scheduler: Scheduler | None = None
+        # The step being accumulated: its groups go to the learner as they finish.
+        self._accumulating = 0
+        self._accumulate_refs: list[ray.ObjectRef] = []
+        self._mark: tuple[float, dict[str, float]] = (
+            0.0,
+            {},
+        )  # (time, workers' busy seconds) of the last step
+        self._failing_steps = 0  # consecutive steps over train.max_failed_share
 
     # ---- setup ----------------------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -232,72 +215,16 @@ class Orchestrator:
         self.published_version = version
         self._saved = self.checkpoint
 
-    # ---- scheduling -----------------------------------------------------------------------------
-    def _scenario(self, ticket: int) -> Scenario:
-        config = self.config
-        batch = self.gate.batch_of(ticket)
-        index = ticket - batch * config.train.batch_size
-        return Scenario(
-            step=batch + 1,
-            group_id=group_id(batch + 1, index),
-            case=self.sampler.case_at(self._case_base + ticket - self._ticket_base),
-            num_generations=config.grpo.num_generations,
-            adapter_version=self.published_version,
-            seed=config.train.seed,
-        )
-
-    def _dispatch(self) -> None:
-        """Start every group the staleness gate admits while a ready worker has room."""
-        last_ticket = self.config.train.max_steps * self.config.train.batch_size
-        while True:
-            slot = self.pool.pick()
-            if slot is None:
-                return
-            ticket = self.book.next_retry()
-            if ticket is None:
-                ticket = self.book.next_ticket
-                if ticket >= last_ticket or not self.gate.may_start(ticket, self.published_version):
-                    return
-                self.book.on_new_ticket()
-            scenario = self._scenario(ticket)
-            self.book.on_group_dispatched(ticket, slot.worker_id)
-            slot.groups_in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run_group(slot, ticket, scenario))
-            self._in_flight[task] = (slot.worker_id, time.monotonic())
-
-    async def _run_group(self, slot: WorkerSlot, ticket: int, scenario: Scenario):
-        try:
-            batch = await slot.handle.run_group.remote(scenario)
-        except WORKER_LOST_ERRORS as exc:
-            return "lost", ticket, slot.worker_id, exc
-        finally:
-            slot.groups_in_flight -= 1
-        return "finished", ticket, slot.worker_id, batch
-
-    def _on_group_done(self, outcome: tuple) -> None:
-        kind, ticket, worker_id, payload = outcome
-        if kind == "lost":
-            self._log(f"rollout worker {worker_id} is gone ({type(payload).__name__}); re-dispatching")
-            self.pool.on_worker_lost(worker_id)
-            self.book.on_group_failed(ticket)
-            return
-        if self.book.on_group_finished(ticket, payload) and self.gate.batch_of(ticket) == self._accumulating:
-            self._send_to_learner(self._accumulating)
-
     def _send_to_learner(self, batch: int) -> None:
-        for _, record_batch in self.book.hand_over(batch):
+        for record_batch in self.scheduler.groups_of(batch):
             self._accumulate_refs.append(self.learner.accumulate.remote(record_batch))
 
     # ---- the loop -------------------------------------------------------------------------------
     async def _train_loop(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
         config = self.config
-        self.book = BatchBook(config.train.batch_size, self.step * config.train.batch_size)
-        self._ticket_base, self._case_base = self.book.first_ticket, self.sampler.position
-        self._in_flight: dict[asyncio.Task, tuple[str, float]] = {}  # task -> (worker, dispatched at)
+        self.scheduler = Scheduler(config, self.pool, self.sampler, self.step, self._log)
+        scheduler = self.scheduler
         self._accumulating = self.step
-        self._accumulate_refs: list[ray.ObjectRef] = []
-        self._no_worker_since: float | None = None
-        self._failing_steps = 0  # consecutive steps over train.max_failed_share
         step_task: asyncio.Task | None = None
         self._mark = (time.perf_counter(), await self._busy_seconds())
         while self.step < config.train.max_steps or step_task is not None:
@@ -305,18 +232,18 @@ class Orchestrator:
                 break  # a step being finished is finished; groups in flight are redone on resume
             self.pool.rescale(self._on_worker_ready)
             if not self._stop_requested:
-                self._dispatch()
+                scheduler.dispatch(self.published_version)
             batch_complete = (
                 not self._stop_requested
                 and self.step < config.train.max_steps
-                and self.book.is_batch_complete(self._accumulating)
+                and scheduler.book.is_batch_complete(self._accumulating)
             )
             if step_task is None and batch_complete:
                 step_task = asyncio.get_running_loop().create_task(self._finish_step(sink, logger, bar))
                 continue
-            waiting = set(self._in_flight) | ({step_task} if step_task else set())
-            self._check_workers_alive()
-            self._replace_hung_workers()
+            waiting = set(scheduler.in_flight) | ({step_task} if step_task else set())
+            scheduler.check_workers_alive()
+            scheduler.replace_hung_workers()
             if not waiting:
                 await asyncio.sleep(0.05)
                 continue
@@ -328,33 +255,9 @@ class Orchestrator:
                     step_task = None
                     task.result()  # re-raise a failed step here
                     continue
-                self._in_flight.pop(task)
-                self._on_group_done(task.result())
-        for task in self._in_flight:
-            task.cancel()
-
-    def _replace_hung_workers(self) -> None:
-        """A worker alive but silent (stopped, deadlocked) would hold its groups, and the run, forever.
-        Past ``ray.group_timeout_s`` it is killed like a lost one: its calls then fail, its groups are
-        re-dispatched once (grpodx.batches), and the pool starts a replacement."""
-        timeout, now = self.config.ray.group_timeout_s, time.monotonic()
-        hung = {worker for worker, started in self._in_flight.values() if now - started > timeout}
-        for worker_id in sorted(hung & set(self.pool.slots)):
-            self._log(f"rollout worker {worker_id} returned no group within {timeout:g} s; replacing it")
-            self.pool.on_worker_lost(worker_id)
-
-    def _check_workers_alive(self) -> None:
-        """Stop with a clear error when no rollout worker has been ready for too long."""
-        if self.pool.ready_slots():
-            self._no_worker_since = None
-            return
-        if self._no_worker_since is None:
-            self._no_worker_since = time.monotonic()
-        if time.monotonic() - self._no_worker_since > self.config.ray.worker_start_timeout_s:
-            raise RuntimeError(
-                f"no rollout worker has been ready for {self.config.ray.worker_start_timeout_s:.0f} s; "
-                f"the cluster offers no {rollout_bundle(self.config)} bundle"
-            )
+                if scheduler.on_group_done(task) == self._accumulating:
+                    self._send_to_learner(self._accumulating)
+        scheduler.cancel()
 
     async def _finish_step(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
         """Batch ``self._accumulating`` is complete: step, publish, push, log, checkpoint."""
@@ -375,11 +278,12 @@ class Orchestrator:
         push_s = time.perf_counter() - push_started
         self.step = version
 
-        records = [self.book.tickets.get(t) for t in self.book.batch_tickets(batch)]
+        book = self.scheduler.book
+        records = [book.tickets.get(t) for t in book.batch_tickets(batch)]
         finished = [r.result for r in records if r is not None and r.finished]
         table = pa.Table.from_batches(finished, schema=TRAJECTORY_SCHEMA)
-        lost = len(self.book.lost_in(batch))
-        self.book.forget(batch)
+        lost = len(book.lost_in(batch))
+        book.forget(batch)
         try:
             sink.write(self.step, table)
         except OSError as exc:
@@ -393,8 +297,8 @@ class Orchestrator:
             {
                 "policy/version": float(self.step),
                 "groups/lost": float(lost),
-                "groups/retried_total": float(self.book.retried),
-                "groups/duplicates_total": float(self.book.duplicates),
+                "groups/retried_total": float(book.retried),
+                "groups/duplicates_total": float(book.duplicates),
                 "workers/ready": float(len(self.pool.ready_slots())),
                 "workers/desired": float(self.pool.desired_count()),
             }
@@ -532,7 +436,7 @@ class Orchestrator:
     async def _save_checkpoint(self, logger: MetricsLogger) -> str:
         rel = f"checkpoints/step-{self.step:06d}"
         # The next run starts at the first group of batch `step`: its case is this sampler position.
-        position = self._case_base + self.step * self.config.train.batch_size - self._ticket_base
+        position = self.scheduler.case_position(self.step * self.config.train.batch_size)
         sampler = {**self.sampler.state_dict(), "position": position}
         state = {"step": self.step, "sampler": sampler, "adapter_version": self.step}
         # The learner writes the checkpoint where it runs, straight to the run's storage.
@@ -659,7 +563,7 @@ class Orchestrator:
     @property
     def workers(self) -> list:
         """Handles of the rollout workers (ready or starting)."""
-        return [slot.handle for slot in self.pool.slots.values()] if hasattr(self, "pool") else []
+        return [slot.handle for slot in self.pool.slots.values()] if self.pool is not None else []
 
     @property
     def run_dir(self) -> Path | str:
@@ -684,12 +588,12 @@ class Orchestrator:
         tqdm.write(message)
 
     def shutdown(self) -> None:
-        workers = self.pool.shutdown_handles() if hasattr(self, "pool") else []
-        sims = [getattr(self, "patient_worker", None), getattr(self, "judge_worker", None)]
+        workers = self.pool.shutdown_handles() if self.pool is not None else []
+        sims = [self.patient_worker, self.judge_worker]
         closing = [w.close.remote() for w in [*workers, *sims] if w is not None]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=30)
-        for actor in [*workers, getattr(self, "learner", None), *sims]:
+        for actor in [*workers, self.learner, *sims]:
             if actor is not None:
                 ray.kill(actor)
         if self._lock is not None:

@@ -27,21 +27,22 @@ from grpodx.env.judge import Judge
 from grpodx.env.patient import Patient
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.staleness import StalenessGate
 
 
 @dataclass(frozen=True)
 class Scenario:
     """One GRPO group to roll out: G episodes of one case.
 
-    ``adapter_version`` is the oldest version the group may start on: the worker starts it on the
-    newest version it serves, waiting for ``adapter_version`` if that has not arrived yet.
+    ``min_adapter_version`` is the oldest version the group may start on: the worker starts it on the
+    newest version it serves, waiting for ``min_adapter_version`` if that has not arrived yet.
     """
 
     step: int
     group_id: str
     case: CaseCard
     num_generations: int
-    adapter_version: int
+    min_adapter_version: int
     seed: int
 
 
@@ -78,6 +79,7 @@ class RolloutWorker:
             reward_config=config.reward,
         )
         self._slots = asyncio.Semaphore(config.ray.episodes_per_worker)
+        self._gate = StalenessGate(config.train.max_staleness, config.train.batch_size)
         self._version_arrived: asyncio.Condition | None = None
         # Busy time (at least one episode in flight), for the generators' idle share.
         self._active = 0
@@ -88,9 +90,9 @@ class RolloutWorker:
     def load_adapter(self, adapter: AdapterWeights) -> int:
         """Serve ``adapter`` as the newest version; forget versions beyond the staleness window."""
         self.engine.load_adapter(adapter)
-        oldest_allowed = adapter.version - self.config.train.max_staleness
+        oldest_in_use = self._gate.oldest_version_in_use(adapter.version)
         for version in self.engine.loaded_versions():
-            if 0 < version < oldest_allowed:
+            if 0 < version < oldest_in_use:
                 self.engine.unload_adapter(version)
         if self._version_arrived is not None:
             asyncio.get_running_loop().create_task(self._announce_version())
@@ -132,7 +134,7 @@ class RolloutWorker:
 
     async def run_group(self, scenario: Scenario) -> pa.RecordBatch:
         """Roll out one group: G episodes of one case, all starting on the same (newest) version."""
-        await self._wait_for_version(scenario.adapter_version)
+        await self._wait_for_version(scenario.min_adapter_version)
         version = self.engine.latest_version
         follow = self.config.train.refresh_version_per_turn
         jobs, tags = [], []

@@ -45,3 +45,9 @@ class StalenessGate:
     def staleness(self, ticket: int, start_version: int) -> int:
         """Versions between the adapter a group started on and the one that trains on it."""
         return self.batch_of(ticket) - start_version
+
+    def oldest_version_in_use(self, newest_version: int) -> int:
+        """The oldest adapter a group may still run on once ``newest_version`` is out: groups start on
+        the newest version published when they are dispatched, and none is dispatched more than
+        ``max_staleness`` versions ahead, so older adapters can be dropped by a rollout worker."""
+        return newest_version - self.max_staleness

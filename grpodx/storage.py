@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from grpodx.redaction import redact
+
 COMPLETE_MARKER = "_COMPLETE"
 # type_name of the filesystems whose move() is an atomic rename; every other one is treated as an
 # object store.
@@ -54,12 +56,6 @@ def _secrets_of(uri: str) -> list[str]:
     return sorted({s for secret in secrets for s in (secret, unquote(secret)) if s}, key=len, reverse=True)
 
 
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def _join(base: str, rel: str) -> str:
     if not base:
         return rel
@@ -81,12 +77,12 @@ def _open(root: str) -> tuple[pafs.FileSystem, str]:
     if not _SCHEME.match(root):
         return pafs.LocalFileSystem(), root
     secrets = _secrets_of(root)
-    shown = _redact(root, secrets)
+    shown = redact(root, secrets)
     try:
         filesystem, path = pafs.FileSystem.from_uri(root)
     except (ValueError, NotImplementedError, OSError) as error:
         message = str(error).strip()
-        reason = _redact(message.splitlines()[0], secrets) if message else type(error).__name__
+        reason = redact(message.splitlines()[0], secrets) if message else type(error).__name__
         # "from None": the chained Arrow error would print the URI, credentials included.
         raise ValueError(
             f"train.run_dir={shown!r} cannot be opened ({reason}); set it to a local path or a URI that "
@@ -176,7 +172,7 @@ class RunStorage:
 
     def display(self, *parts: str) -> str:
         """:meth:`uri` with credentials replaced by ``***``: for logs and messages."""
-        return _redact(self.uri(*parts), _secrets_of(self._root))
+        return redact(self.uri(*parts), _secrets_of(self._root))
 
     def child(self, *parts: str) -> RunStorage:
         """The storage rooted at a sub-path; it shares this one's filesystem object."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from grpodx.config import ConfigError
+from grpodx.redaction import redact
 
 JOBS_API_SCHEMES = ("http://", "https://")
 
@@ -136,9 +137,7 @@ class SecretFilter:
         self._held = ""
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, self.MASK)
-        return text
+        return redact(text, self._secrets, self.MASK)
 
     def feed(self, chunk: str) -> str:
         text = self.redact(self._held + chunk)

@@ -16,7 +16,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from grpodx.config import load_config
-from grpodx.orchestrator import Orchestrator, group_id
+from grpodx.orchestrator import Orchestrator
+from grpodx.scheduler import group_id
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,7 @@ def test_a_rollout_node_that_leaves_loses_no_group_and_trains_none_twice(cluster
         # its result delivered just before the node went) or reported lost.
         unfinished.extend(
             ticket
-            for ticket, record in orchestrator.book.tickets.items()
+            for ticket, record in orchestrator.scheduler.book.tickets.items()
             if record.worker_id == busy[0].worker_id and not record.finished
         )
         cluster.remove_node(nodes[node_id], allow_graceful=False)

@@ -26,6 +26,8 @@ def test_gate_formula_by_hand():
     assert gate.may_start(7, 0) and not gate.may_start(8, 0)
     assert gate.may_start(11, 1) and not gate.may_start(12, 1)
     assert gate.staleness(7, 0) == 1 and gate.staleness(3, 0) == 0
+    # Once version 5 is out, groups may still run on 4 (started one batch ahead), not on 3.
+    assert gate.oldest_version_in_use(5) == 4
 
 
 def test_on_policy_gate_admits_exactly_one_batch_per_version():

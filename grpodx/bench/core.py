@@ -132,26 +132,11 @@ class BenchContext:
         return self._model_source
 
     def ray(self) -> None:
-        """Start Ray once for the whole suite (local, quiet) unless the caller already did."""
-        import ray
+        """Start Ray once for the whole suite (quiet) unless the caller already did."""
+        from grpodx.ray_cluster import init_ray
 
-        if ray.is_initialized():
-            return
-        address = self.config.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # address="local": always a new cluster of our own. Without it, ray.init joins a cluster
-            # someone else started on this machine (`ray start`), and shutting down would hit theirs.
-            # Logical CPUs only place actors: up to 4 rollout workers and a learner must fit.
-            ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, 8),
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        self._started_ray = True
+        # Logical CPUs only place actors: up to 4 rollout workers and a learner must fit.
+        self._started_ray = init_ray(self.config, log_to_driver=False, min_cpus=8) or self._started_ray
 
     def close(self) -> None:
         if self._started_ray:

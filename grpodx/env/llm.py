@@ -29,6 +29,7 @@ import openai
 from pydantic import SecretStr
 
 from grpodx.config import ApiClientConfig
+from grpodx.redaction import MASK, redact
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,7 @@ _SDK_PREFIX = re.compile(r"^Error code: \d+ - ")
 
 def scrub(text: str, secret: str | None) -> str:
     """``text`` with the secret and anything key-like replaced, cut to a loggable length."""
-    if secret:
-        text = text.replace(secret, "***")
-    text = _KEYLIKE.sub("***", text)
+    text = _KEYLIKE.sub(MASK, redact(text, [secret] if secret else []))
     return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
 
 
