@@ -79,7 +79,11 @@ def test_groups_go_out_in_ticket_order_within_the_staleness_bound():
     asyncio.run(scenario())
 
 
-def test_a_lost_workers_group_goes_out_again_once_and_a_late_copy_is_dropped():
+def test_a_lost_workers_group_goes_out_again_once_and_a_late_copy_is_dropped(monkeypatch):
+    killed = []
+    # The pool kills a lost worker's actor; a fake has none (and ray.kill would start Ray).
+    monkeypatch.setattr("grpodx.worker_pool.ray.kill", lambda handle, no_restart: killed.append(handle))
+
     async def scenario():
         lost, healthy = FakeWorker(lost=True), FakeWorker()
         scheduler = _scheduler(
@@ -90,7 +94,7 @@ def test_a_lost_workers_group_goes_out_again_once_and_a_late_copy_is_dropped():
         assert len(lost.scenarios) == 1 and len(healthy.scenarios) == 1
         for task in await _settle(scheduler):
             assert scheduler.on_group_done(task) is None  # the lost one comes back as lost
-        assert "lost" not in scheduler.pool.slots
+        assert "lost" not in scheduler.pool.slots and killed == [lost]
         scheduler.dispatch(published_version=0)
         await asyncio.sleep(0)
         assert [s.group_id for s in healthy.scenarios] == [group_id(1, 0), group_id(1, 1)]
@@ -115,3 +119,8 @@ def test_the_case_stream_continues_where_a_resumed_run_left_off():
     scheduler = Scheduler(config, pool, sampler, first_step=3, log=lambda message: None)
     assert scheduler.case_position(6) == 10 and scheduler.case_position(9) == 13
     assert scheduler.scenario(7, published_version=3).case == sampler.case_at(11)
+
+
+def test_no_ray_was_started_by_these_tests():
+    """Fakes only: a Ray started here would be left running for the next test module."""
+    assert not ray.is_initialized()
