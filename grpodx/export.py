@@ -95,7 +95,7 @@ def check_adapter_fits(model_config, lora_config, given: dict[str, tuple[int, ..
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from grpodx.preflight import adapter_mismatch
+    from grpodx.models import adapter_mismatch
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model_config)

@@ -75,18 +75,29 @@ def check_adapter_keys(peft_model: torch.nn.Module, weights: Mapping[str, torch.
     peft loads non-strictly: a missing LoRA tensor would silently keep its initial value (a run would
     resume half-trained and save on), and an unknown one would be dropped.
     """
-    expected = set(get_peft_model_state_dict(peft_model))
-    given = set(weights)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} of the model's {len(expected)} LoRA tensors missing (e.g. {missing[0]})"
-            )
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensors the model has no place for (e.g. {unexpected[0]})")
+    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+    problems = adapter_mismatch({name: tuple(t.shape) for name, t in weights.items()}, expected)
+    if problems:
         raise AdapterKeysError(
-            f"{source}: the adapter does not match this model's LoRA layers: {'; '.join(parts)}. Pass a "
+            f"{source}: the adapter does not match this model's LoRA layers: {problems}. Pass a "
             "complete adapter saved for this model and these lora settings"
         )
+
+
+def adapter_mismatch(given: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    """What differs between an adapter's tensor shapes and those a model's LoRA layers expect ("" when
+    nothing does): missing tensors, tensors with no place in the model, tensors of another shape."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(name for name in set(given) & set(expected) if given[name] != expected[name])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the {len(expected)} LoRA tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
+    if wrong:
+        name = wrong[0]
+        problems.append(
+            f"{len(wrong)} of another shape (e.g. {name}: {given[name]}, expected {expected[name]})"
+        )
+    return "; ".join(problems)

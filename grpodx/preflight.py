@@ -19,6 +19,7 @@ import torch
 
 from grpodx.config import Config, ConfigError
 from grpodx.learner import ADAPTER_DIR, LEARNER_STATE_FILE
+from grpodx.models import adapter_mismatch
 from grpodx.storage import RunStorage
 
 ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
@@ -218,25 +219,6 @@ def safetensors_shapes(data: bytes, where: str) -> dict[str, tuple[int, ...]]:
             raise damaged(f"{name} ends at byte {end}, the data holds {data_bytes}")
         shapes[name] = shape
     return shapes
-
-
-def adapter_mismatch(given: dict[str, tuple], expected: dict[str, tuple]) -> str:
-    """What differs between an adapter's tensor shapes and those a model's LoRA layers expect ("" when
-    nothing does): missing tensors, tensors with no place in the model, tensors of another shape."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(name for name in set(given) & set(expected) if given[name] != expected[name])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of the {len(expected)} LoRA tensors missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
-    if wrong:
-        name = wrong[0]
-        problems.append(
-            f"{len(wrong)} of another shape (e.g. {name}: {given[name]}, expected {expected[name]})"
-        )
-    return "; ".join(problems)
 
 
 def _compare_shapes(given: dict, expected: dict, where: str) -> None:
