@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpodx.config import Config, ConfigError
+from grpodx.dialogue import next_steps
 from grpodx.env.episode import EpisodeResult
 from grpodx.env.patient import Message, Patient
 from grpodx.medical.cases import CaseCard, eval_cases
@@ -29,7 +30,6 @@ COMMANDS = {
     "/restart": "start a new conversation",
     "/quit": "leave (Ctrl-D and Ctrl-C too)",
 }
-_NEXT_STEPS = re.compile(r"\bnext\s+steps?\s*[:\-–]?\s*", re.IGNORECASE)
 _REASON_BLOCK = re.compile(r"(<\s*reason\s*>.*?(?:<\s*/\s*reason\s*>|$))", re.IGNORECASE | re.DOTALL)
 # The human patient has no case card: the runner needs one only to pass it to the patient.
 HUMAN_CASE = CaseCard(
@@ -99,12 +99,6 @@ class HumanPatient(Patient):
                 self.console.write("commands: " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()))
             elif line:
                 return line
-
-
-def next_steps(final_text: str) -> str | None:
-    """What the final answer says to do next ("Next steps: …"), if it says."""
-    match = _NEXT_STEPS.search(final_text)
-    return final_text[match.end() :].strip() or None if match else None
 
 
 def conversation_record(result: EpisodeResult, doctor: str, extra: dict | None = None) -> dict:

@@ -202,7 +202,7 @@ def train(
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    from grpodx.orchestrator import TrainingHalted, TrainingInterrupted
+    from grpodx.stopping import TrainingHalted, TrainingInterrupted
     from grpodx.storage import RunDirectoryInUse
 
     try:

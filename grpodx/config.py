@@ -149,27 +149,29 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
-class PatientConfig(_Section):
-    kind: Literal["scripted", "openai"] = "scripted"
+class _ApiRoleConfig(_Section):
+    """What the patient and the judge share when an OpenAI-compatible API plays them."""
+
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     max_concurrency: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0.0)
-    max_tokens: int = Field(200, ge=1)
-    # Send each card's seed with the request, so a replayed episode gets the same answers where the
-    # server honours seeds. Off for servers that mishandle it (vLLM's CPU server with chunked prefill
-    # crashes on seeded requests).
-    send_seed: bool = True
     client: ApiClientConfig = Field(default_factory=ApiClientConfig)
 
     _check_base_url = field_validator("base_url")(_http_url)
 
 
-class JudgeConfig(_Section):
+class PatientConfig(_ApiRoleConfig):
+    kind: Literal["scripted", "openai"] = "scripted"
+    max_tokens: int = Field(200, ge=1)
+    # Send each card's seed with the request, so a replayed episode gets the same answers where the
+    # server honours seeds. Off for servers that mishandle it (vLLM's CPU server with chunked prefill
+    # crashes on seeded requests).
+    send_seed: bool = True
+
+
+class JudgeConfig(_ApiRoleConfig):
     kind: Literal["icd", "openai"] = "icd"
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    max_concurrency: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(300, ge=1)
     # Ask for JSON-schema structured output; servers without it get a JSON-object request instead.
@@ -180,9 +182,6 @@ class JudgeConfig(_Section):
     icd_blend_weight: float = Field(0.0, ge=0.0, le=1.0)
     # Directory for a disk cache of identical judge requests (off when null).
     cache_dir: str | None = None
-    client: ApiClientConfig = Field(default_factory=ApiClientConfig)
-
-    _check_base_url = field_validator("base_url")(_http_url)
 
 
 class RewardConfig(_Section):
@@ -210,6 +209,10 @@ class GRPOConfig(_Section):
     # token-mean: every doctor token of the batch weighs the same; sequence-mean: every episode does.
     loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
     lr: float = Field(5e-6, gt=0.0)
+    # The gradient noise scale (learner/noise_scale, docs/metrics.md): how many groups a step needs
+    # before its signal beats its noise. It copies the adapter's gradient at every accumulate call, which
+    # costs a LoRA-sized copy per group: cheap for the tiny doctor, worth switching off for a large one.
+    measure_noise_scale: bool = True
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"

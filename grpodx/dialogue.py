@@ -53,7 +53,7 @@ _PARTIAL_TAG_AT_END = re.compile(r"<\s*/?\s*r(e(a(s(o(n)?)?)?)?)?\s*$", re.IGNOR
 _FINAL = re.compile(
     r"final\s+diagnosis\s*[:\-–]\s*(?P<diagnosis>(?:(?!final\s+diagnosis)[^\n])*)", re.IGNORECASE
 )
-_NEXT_STEPS = re.compile(r"\bnext\s+steps?\b", re.IGNORECASE)
+_NEXT_STEPS = re.compile(r"\bnext\s+steps?\b\s*[:\-–]?\s*", re.IGNORECASE)
 _HEDGE_SPLIT = re.compile(r"\s*(?:\bor\b|\bversus\b|\bvs\.?|/|;|\band/or\b)\s*", re.IGNORECASE)
 
 
@@ -126,6 +126,12 @@ def _diagnosis_on_line(text: str) -> str:
     if steps:
         text = text[: steps.start()]
     return text.strip().rstrip(".,;:").strip()
+
+
+def next_steps(final_text: str) -> str | None:
+    """What a final answer says to do next ("Next steps: …"), if it says."""
+    match = _NEXT_STEPS.search(final_text)
+    return final_text[match.end() :].strip() or None if match else None
 
 
 def diagnosis_alternatives(diagnosis: str) -> list[str]:

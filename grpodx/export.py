@@ -20,8 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from grpodx.config import Config, ConfigError
 from grpodx.learner import ADAPTER_DIR
 
@@ -92,21 +90,15 @@ def _saved_shapes(adapter_dir: Path, checkpoint: str | Path) -> dict[str, tuple[
 
 def check_adapter_fits(model_config, lora_config, given: dict[str, tuple[int, ...]], where: str) -> None:
     """The adapter's tensors are exactly those ``lora_config`` puts on this model, with their shapes."""
-    from peft import get_peft_model, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+    from grpodx.models import MissingLoraTargets, adapter_mismatch, lora_shapes
 
-    from grpodx.models import adapter_mismatch
-
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(model_config)
-        try:
-            model = get_peft_model(base, lora_config)
-        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-            raise ConfigError(
-                f"{where}: the adapter targets modules this {model_config.model_type} model does not have "
-                f"({str(exc).splitlines()[0]}); pass the --config (model.name) it was trained with"
-            ) from None
-    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
+    try:
+        expected = lora_shapes(model_config, lora_config)
+    except MissingLoraTargets as exc:
+        raise ConfigError(
+            f"{where}: the adapter targets modules this {model_config.model_type} model does not have "
+            f"({exc}); pass the --config (model.name) it was trained with"
+        ) from None
     problems = adapter_mismatch(given, expected)
     if problems:
         raise ConfigError(

@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,6 +41,77 @@ def _squared_norm(parameters: list[torch.Tensor], minus: list[torch.Tensor | Non
             grad = grad - minus[index].float()
         total += float(grad.pow(2).sum())
     return total
+
+
+class GradientNoiseMeter:
+    """The gradient noise scale in groups: how many groups a step needs before its signal beats its noise.
+
+    Each accumulate call's own gradient is the change it makes to the accumulated one; from their squared
+    norms and the step's, unbiased estimates of |G|^2 and tr(Sigma) per group
+    (:func:`grpodx.algo.grpo.gradient_noise_estimates`, when every call brought the same number of
+    groups); the scale is the ratio of their running averages (exponential, 0.9), because one step's
+    |G|^2 estimate is too noisy to divide by. Costs a copy of the gradient per call.
+    """
+
+    def __init__(self):
+        self._parts: list[tuple[float, int]] = []  # (squared norm, groups) per accumulate call
+        self._before: list[torch.Tensor | None] = []
+        self._average = (0.0, 0.0)  # running averages of the |G|^2 and tr(Sigma) estimates
+
+    def before_call(self, trainable: list[torch.Tensor]) -> None:
+        self._before = [None if p.grad is None else p.grad.detach().clone() for p in trainable]
+
+    def after_call(self, trainable: list[torch.Tensor], groups: int) -> None:
+        self._parts.append((_squared_norm(trainable, self._before), groups))
+        self._before = []
+
+    def step_metrics(self, trainable: list[torch.Tensor]) -> dict[str, float]:
+        """At the end of a step, before the gradient is scaled: this step's estimates and the scale."""
+        parts, self._parts = self._parts, []
+        sizes = {groups for _, groups in parts}
+        nan = float("nan")
+        if len(parts) < 2 or len(sizes) != 1:
+            return {
+                "learner/grad_signal_sq": nan,
+                "learner/grad_noise_trace": nan,
+                "learner/noise_scale": nan,
+            }
+        signal, noise = grpo.gradient_noise_estimates([sq for sq, _ in parts], _squared_norm(trainable))
+        groups_per_part = sizes.pop()
+        # Both averages start at 0 and so carry the same start-up bias, which cancels in the ratio.
+        average_signal, average_noise = (
+            0.9 * a + 0.1 * b for a, b in zip(self._average, (signal, noise), strict=True)
+        )
+        self._average = (average_signal, average_noise)
+        return {
+            "learner/grad_signal_sq": signal / groups_per_part**2,
+            "learner/grad_noise_trace": noise / groups_per_part,
+            "learner/noise_scale": average_noise / average_signal * groups_per_part
+            if average_signal > 0
+            else nan,
+        }
+
+
+@dataclass
+class PendingStep:
+    """What the accumulate calls of one step have added up, until :meth:`Learner.step` applies it."""
+
+    tokens: int = 0  # loss tokens of the trained episodes, computed or not (zero advantage, no KL)
+    sequences: int = 0  # trained episodes
+    sequences_computed: int = 0
+    micro_batches: int = 0
+    seconds: float = 0.0
+    # Sums over micro-batches of the loss terms (not yet divided by the batch's denominator) and of
+    # the per-micro-batch ratio statistics.
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    ratio_max: float = 0.0
+    groups: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add_micro_batch(self, stats: dict[str, float]) -> None:
+        self.micro_batches += 1
+        self.ratio_max = max(self.ratio_max, stats.pop("ratio_max"))
+        for key, value in stats.items():
+            self.sums[key] += value
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -90,10 +162,8 @@ class Learner:
             lr_lambda(config.grpo.lr_schedule, config.grpo.warmup_steps, config.train.max_steps),
         )
         self.version = 0
-        self._pending = self._new_pending()
-        self._part_sq_norms: list[tuple[float, int]] = []
-        # Running averages of the per-step |G|^2 and tr(Sigma) estimates (per accumulate call).
-        self._noise_average = (0.0, 0.0)
+        self._pending = PendingStep()
+        self._noise = GradientNoiseMeter() if config.grpo.measure_noise_scale else None
         temperature = config.episode.sampling.temperature
         # The engine records logprobs of the temperature-scaled distribution; score the same one.
         self.temperature = temperature if temperature > 0 else 1.0
@@ -129,50 +199,44 @@ class Learner:
         # A zero-advantage episode adds nothing to the policy gradient, so it is not computed, but its
         # tokens still count in the batch's mean, as they would in a batch computed whole.
         selected = [i for i in trained if advantages[i] != 0.0 or use_kl]
-        counts = [sum(rows[i]["loss_mask"]) for i in selected]
         pending = self._pending
-        pending["tokens"] += sum(sum(rows[i]["loss_mask"]) for i in trained)
-        pending["sequences"] += len(trained)
-        pending["sequences_computed"] += len(selected)
-        if self.config.grpo.loss_aggregation == "sequence-mean" and selected:
-            # A / L_i per token: every episode weighs the same once step() divides by the episode count.
-            scaled = grpo.sequence_mean_advantages(
-                torch.tensor([advantages[i] for i in selected]), torch.tensor(counts)
-            )
-            total = max(1, sum(counts))
-            for i, value in zip(selected, scaled.tolist(), strict=True):
-                advantages[i] = value * len(selected) / total
+        pending.tokens += sum(sum(rows[i]["loss_mask"]) for i in trained)
+        pending.sequences += len(trained)
+        pending.sequences_computed += len(selected)
+        counts = torch.tensor([sum(rows[i]["loss_mask"]) for i in selected])
+        weights = grpo.sequence_weights(self.config.grpo.loss_aggregation, counts).tolist()
         if not self.model.training:
             self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # This call's own gradient is the change it makes to the accumulated one; its squared norm, per
-        # call (one group when the orchestrator streams them), feeds the gradient noise scale in step().
-        before = [None if p.grad is None else p.grad.detach().clone() for p in trainable]
+        if self._noise is not None:
+            self._noise.before_call(trainable)
         lengths = [len(rows[i]["token_ids"]) for i in selected]
         for micro in grpo.micro_batches(lengths, self.config.grpo.token_budget):
             members = [selected[j] for j in micro]
-            stats = self._backward([rows[i] for i in members], [advantages[i] for i in members])
-            pending["ratio_max"] = max(pending["ratio_max"], stats.pop("ratio_max"))
-            for key, value in stats.items():
-                pending[key] += value
+            stats = self._backward(
+                [rows[i] for i in members], [advantages[i] for i in members], [weights[j] for j in micro]
+            )
+            pending.add_micro_batch(stats)
         for key, value in group_stats.items():
-            pending[key] += value
-        self._part_sq_norms.append((_squared_norm(trainable, before), len({row["group_id"] for row in rows})))
+            pending.groups[key] += value
+        if self._noise is not None:
+            self._noise.after_call(trainable, len({row["group_id"] for row in rows}))
         seconds = time.perf_counter() - started
-        pending["seconds"] += seconds
-        return {"learner/accumulate_seconds": seconds, "learner/pending_sequences": pending["sequences"]}
+        pending.seconds += seconds
+        return {"learner/accumulate_seconds": seconds, "learner/pending_sequences": pending.sequences}
 
     def step(self) -> dict[str, float]:
         """Apply the accumulated gradient as one optimizer step; the adapter becomes version N+1."""
         started = time.perf_counter()
-        pending, self._pending = self._pending, self._new_pending()
-        parts, self._part_sq_norms = self._part_sq_norms, []
-        sequence_mean = self.config.grpo.loss_aggregation == "sequence-mean"
-        denominator = pending["sequences"] if sequence_mean else pending["tokens"]
+        pending, self._pending = self._pending, PendingStep()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        noise_metrics = self._noise_scale(parts, _squared_norm(trainable))
+        nan = float("nan")
+        noise_metrics = self._noise.step_metrics(trainable) if self._noise is not None else {}
+        denominator = grpo.loss_denominator(
+            self.config.grpo.loss_aggregation, pending.tokens, pending.sequences
+        )
         grad_norm = 0.0
-        if denominator > 0:
+        if pending.sequences > 0:
             for parameter in trainable:
                 if parameter.grad is not None:
                     parameter.grad.div_(denominator)
@@ -184,64 +248,28 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         self.version += 1
-        micro_count = max(1.0, pending["micro_batches"])
-        norm = max(1.0, denominator)
+        sums, micro = pending.sums, pending.micro_batches
         # With every group tied and skipped no token was computed: there is no ratio to average.
-        computed = pending["micro_batches"] > 0
         return {
-            "learner/loss": pending["loss"] / norm,
-            "learner/kl": pending["kl"] / norm,
+            "learner/loss": sums["loss"] / denominator,
+            "learner/kl": sums["kl"] / denominator,
             "learner/grad_norm": grad_norm,
             "learner/lr": self.scheduler.get_last_lr()[0],
-            "learner/clip_fraction": pending["clip_fraction"] / micro_count if computed else float("nan"),
-            "learner/ratio_mean": pending["ratio_mean"] / micro_count if computed else float("nan"),
-            "learner/ratio_max": pending["ratio_max"],
-            "learner/masked_by_cap": pending["masked_by_cap"],
-            "learner/truncated_tokens": pending["truncated_tokens"],
-            "learner/masked_sequences": pending["masked_sequences"],
-            "learner/tokens": float(pending["tokens"]),
-            "learner/sequences": float(pending["sequences"]),
-            "learner/sequences_computed": float(pending["sequences_computed"]),
-            "learner/seconds": pending["seconds"] + time.perf_counter() - started,
-            "groups/total": pending["groups/total"],
-            "groups/zero_advantage": pending["groups/zero_advantage"],
-            "groups/trained": pending["groups/trained"],
+            "learner/clip_fraction": sums["clip_fraction"] / micro if micro else nan,
+            "learner/ratio_mean": sums["ratio_mean"] / micro if micro else nan,
+            "learner/ratio_max": pending.ratio_max,
+            "learner/masked_by_cap": sums["masked_by_cap"],
+            "learner/truncated_tokens": sums["truncated_tokens"],
+            "learner/masked_sequences": sums["masked_sequences"],
+            "learner/tokens": float(pending.tokens),
+            "learner/sequences": float(pending.sequences),
+            "learner/sequences_computed": float(pending.sequences_computed),
+            "learner/seconds": pending.seconds + time.perf_counter() - started,
+            "groups/total": pending.groups["groups/total"],
+            "groups/zero_advantage": pending.groups["groups/zero_advantage"],
+            "groups/trained": pending.groups["groups/trained"],
             **noise_metrics,
         }
-
-    def _noise_scale(self, parts: list[tuple[float, int]], total_sq_norm: float) -> dict[str, float]:
-        """Gradient noise scale in groups: how many groups a step needs before its signal beats its noise.
-
-        Per step, unbiased estimates of |G|^2 and tr(Sigma) per group (from the accumulate calls, when
-        each brought the same number of groups); the scale is the ratio of their running averages
-        (exponential, 0.9), because one step's |G|^2 estimate is too noisy to divide by.
-        """
-        sizes = {groups for _, groups in parts}
-        if len(parts) < 2 or len(sizes) != 1:
-            nan = float("nan")
-            return {
-                "learner/grad_signal_sq": nan,
-                "learner/grad_noise_trace": nan,
-                "learner/noise_scale": nan,
-            }
-        signal, noise = grpo.gradient_noise_estimates([sq for sq, _ in parts], total_sq_norm)
-        groups_per_part = sizes.pop()
-        # Both averages start at 0 and so carry the same start-up bias, which cancels in the ratio.
-        average_signal, average_noise = (
-            0.9 * a + 0.1 * b for a, b in zip(self._noise_average, (signal, noise), strict=True)
-        )
-        self._noise_average = (average_signal, average_noise)
-        return {
-            "learner/grad_signal_sq": signal / groups_per_part**2,
-            "learner/grad_noise_trace": noise / groups_per_part,
-            "learner/noise_scale": (
-                average_noise / average_signal * groups_per_part if average_signal > 0 else float("nan")
-            ),
-        }
-
-    @staticmethod
-    def _new_pending() -> defaultdict[str, float]:
-        return defaultdict(float)
 
     def _advantages(self, rows: list[dict]) -> tuple[list[float | None], dict[str, float], set[str]]:
         """Advantage per row (None for rows excluded: failed episodes, groups with < 2 valid), the
@@ -274,8 +302,9 @@ class Learner:
         }
         return advantages, stats, tied
 
-    def _backward(self, rows: list[dict], advantages: list[float]) -> dict[str, float]:
-        """Backpropagate the summed (not yet normalised) loss of one micro-batch."""
+    def _backward(self, rows: list[dict], advantages: list[float], weights: list[float]) -> dict[str, float]:
+        """Backpropagate the summed, weighted (not yet normalised) loss of one micro-batch: each episode's
+        tokens weigh ``weights[i]`` (:func:`grpodx.algo.grpo.sequence_weights`)."""
         width = max(len(r["token_ids"]) for r in rows)
         pad = 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -290,7 +319,10 @@ class Learner:
             behaviour[row_index, :n] = torch.tensor(row["behaviour_logprobs"])
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         loss_mask, behaviour = loss_mask.to(self.device), behaviour.to(self.device)
-        advantage = torch.tensor(advantages, dtype=torch.float32, device=self.device)
+        weight = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        # The clipped objective is positively homogeneous in the advantage: weighting the advantage
+        # weights the episode's policy-loss tokens.
+        advantage = torch.tensor(advantages, dtype=torch.float32, device=self.device) * weight
 
         logprobs = self._loss_token_logprobs(input_ids, attention, loss_mask)
         loss, stats = grpo.policy_loss(
@@ -309,16 +341,7 @@ class Learner:
         if self.config.grpo.kl_coef > 0:
             with torch.no_grad(), self.model.disable_adapter():
                 ref_logprobs = self._loss_token_logprobs(input_ids, attention, loss_mask)
-            if self.config.grpo.loss_aggregation == "sequence-mean":
-                # Each episode's mean KL, summed; step() divides by the episode count.
-                kl = sum(
-                    grpo.kl_penalty(
-                        logprobs[i : i + 1], ref_logprobs[i : i + 1], loss_mask[i : i + 1], num_tokens=None
-                    )
-                    for i in range(len(rows))
-                )
-            else:
-                kl = grpo.kl_penalty(logprobs, ref_logprobs, loss_mask, num_tokens=1)
+            kl = (grpo.kl_per_sequence(logprobs, ref_logprobs, loss_mask) * weight).sum()
             loss = loss + self.config.grpo.kl_coef * kl
             kl_value = float(kl.detach())
         loss.backward()
@@ -331,7 +354,6 @@ class Learner:
             "masked_by_cap": float(stats["masked_by_cap"]),
             "truncated_tokens": float(stats["truncated"]),
             "masked_sequences": float(stats["masked_sequences"]),
-            "micro_batches": 1.0,
         }
 
     def _loss_token_logprobs(

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from grpodx.evaluation import INTERVIEW_KEYS, summarize
+from grpodx.staleness import StalenessGate
 from grpodx.storage import RunStorage, as_storage
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,6 +64,48 @@ def rollout_metrics(table: pa.Table) -> dict[str, float]:
             rows, "information_gain", "reward"
         )
     return metrics
+
+
+def staleness_metrics(table: pa.Table, gate: StalenessGate, batch: int) -> dict[str, float]:
+    """How many versions behind the training adapter each episode of ``batch`` started, and its turns
+    sampled (a turn may run on a newer adapter than its episode's first)."""
+    starts = [gate.staleness(batch, v) for v in table.column("policy_version").to_pylist()]
+    turns = [
+        gate.staleness(batch, v) for versions in table.column("turn_versions").to_pylist() for v in versions
+    ]
+    if not starts:
+        return {}
+    metrics = {
+        "staleness/mean": sum(starts) / len(starts),
+        "staleness/max": float(max(starts)),
+        "staleness/turn_mean": sum(turns) / len(turns) if turns else 0.0,
+    }
+    for lag in range(gate.max_staleness + 1):
+        metrics[f"staleness/share_{lag}"] = sum(s == lag for s in starts) / len(starts)
+    return metrics
+
+
+class StepTimer:
+    """Wall time of each step and the idle shares of the learner and of the generators."""
+
+    def __init__(self, started: float, busy: dict[str, float]):
+        self._mark = (started, busy)  # (time, each worker's busy seconds) at the end of the last step
+
+    def lap(self, now: float, busy: dict[str, float], learner_seconds: float, push_seconds: float) -> dict:
+        """``busy``: each worker's seconds with an episode in flight so far; workers that joined during
+        the step are left out of the generators' idle share."""
+        then, busy_before = self._mark
+        self._mark = (now, busy)
+        wall = max(1e-9, now - then)
+        deltas = [busy[w] - busy_before[w] for w in busy if w in busy_before]
+        generator_idle = 1.0 - sum(deltas) / (wall * len(deltas)) if deltas else float("nan")
+        return {
+            "time/step": wall,
+            "time/learner": learner_seconds,
+            "time/weight_push": push_seconds,
+            "time/learner_idle_share": max(0.0, 1.0 - learner_seconds / wall),
+            "time/generator_idle_share": max(0.0, generator_idle),
+        }
 
 
 def failure_report(table: pa.Table) -> str | None:

@@ -7,10 +7,10 @@ backbone trains with a config change only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
-from peft import get_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -101,3 +101,23 @@ def adapter_mismatch(given: dict[str, tuple], expected: dict[str, tuple]) -> str
             f"{len(wrong)} of another shape (e.g. {name}: {given[name]}, expected {expected[name]})"
         )
     return "; ".join(problems)
+
+
+class MissingLoraTargets(ValueError):
+    """peft found none of the LoRA target modules in the model (its message's first line)."""
+
+
+def lora_shapes(
+    model_config, lora_config, inspect_base: Callable[[torch.nn.Module], None] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor ``lora_config`` puts on a model of ``model_config``, built on the
+    meta device: no weights are read or allocated. ``inspect_base`` sees the model before LoRA wraps it."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(model_config)
+        if inspect_base is not None:
+            inspect_base(base)
+        try:
+            model = get_peft_model(base, lora_config)
+        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+            raise MissingLoraTargets(str(exc).splitlines()[0]) from None
+    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}

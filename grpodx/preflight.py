@@ -100,23 +100,21 @@ def _load_model_config(name: str, source: str, local: bool):
 # ---- the adapter the config builds ----------------------------------------------------------------
 def adapter_shapes(config: Config, model_config) -> dict[str, tuple[int, ...]]:
     """Name → shape of every LoRA tensor the learner would create, built on the meta device."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
 
-    from grpodx.models import lora_target_modules
+    from grpodx.models import MissingLoraTargets, lora_shapes, lora_target_modules
 
     targets = lora_target_modules(model_config.model_type, config.lora.target_modules)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(model_config)
-        _check_rank(config.lora.rank, base, targets)
-        try:
-            model = get_peft_model(base, LoraConfig(r=config.lora.rank, target_modules=targets))
-        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-            raise ConfigError(
-                f"lora.target_modules={targets}: {str(exc).splitlines()[0]}; name modules of this "
-                f"{model_config.model_type} model"
-            ) from None
-    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+    try:
+        return lora_shapes(
+            model_config,
+            LoraConfig(r=config.lora.rank, target_modules=targets),
+            lambda base: _check_rank(config.lora.rank, base, targets),
+        )
+    except MissingLoraTargets as exc:
+        raise ConfigError(
+            f"lora.target_modules={targets}: {exc}; name modules of this {model_config.model_type} model"
+        ) from None
 
 
 def _check_rank(rank: int, base: torch.nn.Module, targets: list[str]) -> None:
@@ -241,8 +239,8 @@ async def check_api_backends(config: Config, api_key) -> None:
 
 
 async def _probe(role: str, settings, api_key) -> None:
+    from grpodx.api_client import ApiClient, ApiError
     from grpodx.env import require_api_key
-    from grpodx.env.llm import ApiClient, ApiError
 
     api_key = require_api_key(api_key, role)
     # One retry: a hiccup may pass, a dead server should not hold the start for the full backoff.

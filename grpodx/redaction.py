@@ -1,6 +1,6 @@
 """The one way secrets leave a string: replaced by a mask, longest first.
 
-API keys (``env/llm.py``), credentials inside storage URIs (``storage.py``) and the job's environment
+API keys (``api_client.py``), credentials inside storage URIs (``storage.py``) and the job's environment
 (``submit.py``) all pass through :func:`redact`; longest first, so that a secret that contains
 another is masked whole rather than leaving its remainder in view.
 """

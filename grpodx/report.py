@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from grpodx.evaluation import is_correct
 from grpodx.metrics import METRICS_FILE
-from grpodx.plots import ACCURACY, KL, REWARD, TURNS, moving_average, read_metrics
+from grpodx.plots import ACCURACY, KL, REWARD, TURNS, moving_average, read_metrics, write_learning_curve
 from grpodx.storage import RunStorage, as_storage
 
 REPORT_DIR = "report"
@@ -866,3 +866,13 @@ def write_report(run_dir: RunStorage | str | Path) -> Path | str:
     if storage.is_local:
         return storage.local_path / REPORT_DIR / REPORT_FILE
     return storage.display(REPORT_DIR, REPORT_FILE)
+
+
+def write_run_figures(storage: RunStorage, log: Callable[[str], None]) -> None:
+    """The learning curve and the report at the end of a run, each path logged; a failure is logged,
+    never fatal to a run that has finished training."""
+    for what, write in (("learning curve", write_learning_curve), ("report", write_report)):
+        try:
+            log(f"{what}: {write(storage)}")
+        except Exception as exc:  # noqa: BLE001
+            log(f"could not write the {what} ({type(exc).__name__}: {exc})")

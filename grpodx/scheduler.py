@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from grpodx.batches import BatchBook
 from grpodx.config import Config
+from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.medical.cases import CaseSampler
 from grpodx.rollout import Scenario
 from grpodx.staleness import StalenessGate
@@ -126,6 +127,22 @@ class Scheduler:
     def groups_of(self, batch: int) -> list[Any]:
         """The finished groups of ``batch`` not handed over yet, in ticket order (see BatchBook)."""
         return [record_batch for _, record_batch in self.book.hand_over(batch)]
+
+    def take_trajectories(self, batch: int) -> tuple[pa.Table, dict[str, float]]:
+        """The finished episodes of a trained ``batch`` and the ledger's and pool's counts for the step's
+        metrics; the ledger then forgets the batch."""
+        book = self.book
+        records = [book.tickets.get(t) for t in book.batch_tickets(batch)]
+        finished = [r.result for r in records if r is not None and r.finished]
+        metrics = {
+            "groups/lost": float(len(book.lost_in(batch))),
+            "groups/retried_total": float(book.retried),
+            "groups/duplicates_total": float(book.duplicates),
+            "workers/ready": float(len(self.pool.ready_slots())),
+            "workers/desired": float(self.pool.desired_count()),
+        }
+        book.forget(batch)
+        return pa.Table.from_batches(finished, schema=TRAJECTORY_SCHEMA), metrics
 
     def cancel(self) -> None:
         for task in self.in_flight:

@@ -35,16 +35,13 @@ class StalenessGate:
         """The batch (0-based) a ticket belongs to; it is trained by the learner at this version."""
         return ticket // self.batch_size
 
-    def capacity(self, published_version: int) -> int:
-        """How many tickets may have started once ``published_version`` is out."""
-        return (published_version + self.max_staleness + 1) * self.batch_size
-
     def may_start(self, ticket: int, published_version: int) -> bool:
         return self.batch_of(ticket) - published_version <= self.max_staleness
 
-    def staleness(self, ticket: int, start_version: int) -> int:
-        """Versions between the adapter a group started on and the one that trains on it."""
-        return self.batch_of(ticket) - start_version
+    def staleness(self, batch: int, start_version: int) -> int:
+        """Versions between the adapter an episode (or turn) of ``batch`` started on and the learner
+        version that trains the batch; :meth:`may_start` keeps it at most ``max_staleness``."""
+        return batch - start_version
 
     def oldest_version_in_use(self, newest_version: int) -> int:
         """The oldest adapter a group may still run on once ``newest_version`` is out: groups start on

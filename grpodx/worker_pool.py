@@ -82,6 +82,10 @@ class RolloutPool:
             return int(wanted)
         return bundles_available(self.cluster_resources(), rollout_bundle(self.config))
 
+    def handles(self) -> list[Any]:
+        """Every worker's actor handle, ready or starting."""
+        return [slot.handle for slot in self.slots.values()]
+
     def ready_slots(self) -> list[WorkerSlot]:
         return [slot for slot in self.slots.values() if slot.ready]
 
@@ -154,7 +158,23 @@ class RolloutPool:
                 )
             await asyncio.sleep(0.05)
 
+    async def ask_all(self, call: Callable[[Any], Any]) -> list[tuple[WorkerSlot, Any]]:
+        """``call(handle)`` on every ready worker at once: each slot with its answer, the exception it
+        raised, or a TimeoutError after ``ray.group_timeout_s`` (a hung worker must not hold the step)."""
+        slots = self.ready_slots()
+
+        async def ask(slot: WorkerSlot):
+            return await asyncio.wait_for(call(slot.handle), self.config.ray.group_timeout_s)
+
+        answers = await asyncio.gather(*(ask(slot) for slot in slots), return_exceptions=True)
+        return list(zip(slots, answers, strict=True))
+
+    async def busy_seconds(self) -> dict[str, float]:
+        """Seconds each ready worker has had an episode in flight (see RolloutWorker.busy_seconds)."""
+        answers = await self.ask_all(lambda handle: handle.busy_seconds.remote())
+        return {slot.worker_id: value for slot, value in answers if isinstance(value, float)}
+
     def shutdown_handles(self) -> list[Any]:
         for task in self._starting.values():
             task.cancel()
-        return [slot.handle for slot in self.slots.values()]
+        return self.handles()

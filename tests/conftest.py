@@ -38,6 +38,26 @@ def save_random_doctor(directory, tokenizer, config: TinyDoctorConfig):
     return directory
 
 
+def small_run_settings(model_dir, run_dir, run_name: str, *extra: str) -> list[str]:
+    """key=value overrides of a short Ray training run of the small doctor (two rollout workers, batches
+    of 3 groups of 2 two-turn episodes, no evaluation); ``extra`` comes last, so it wins."""
+    return [
+        f"model.name={model_dir}",
+        f"train.run_dir={run_dir}",
+        f"train.run_name={run_name}",
+        "train.batch_size=3",
+        "train.eval_cases=0",
+        "grpo.num_generations=2",
+        "lora.rank=4",
+        "episode.max_turns=2",
+        "episode.sampling.max_new_tokens=6",
+        "ray.num_rollout_workers=2",
+        "ray.rollout_num_cpus=1",
+        "ray.learner_num_cpus=1",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory, small_tokenizer):
     config = TinyDoctorConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=3)
@@ -66,7 +86,7 @@ def save_perturbed_adapter(directory, model_dir, seed: int, scale: float = 1.0):
 @pytest.fixture(scope="module")
 def loopback():
     """Our Chat Completions server on 127.0.0.1, one per test module."""
-    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     with OpenAICompatibleServer() as server:
         yield server

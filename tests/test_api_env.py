@@ -1,6 +1,6 @@
 """The OpenAI-compatible patient and judge, through the real ``openai`` SDK against our loopback server.
 
-Every test talks HTTP to ``grpodx/loopback.py`` on 127.0.0.1; faults are injected there, so what is
+Every test talks HTTP to ``grpodx/testing/loopback.py`` on 127.0.0.1; faults are injected there, so what is
 tested is the whole path: our limits and retries, the SDK's error mapping, and the counters.
 """
 
@@ -19,16 +19,16 @@ from contextlib import aclosing
 import pytest
 from pydantic import SecretStr
 
+from grpodx.api_client import TRANSPORT_FAILURES, ApiError, RateLimiter, retry_after_seconds
 from grpodx.config import ApiClientConfig, Config, ConfigError, JudgeConfig, PatientConfig
 from grpodx.env import make_judge, make_patient
 from grpodx.env.api_judge import JUDGE_RUBRIC, SCHEMA_FORMAT, OpenAIJudge, parse_answer
 from grpodx.env.api_patient import OpenAIPatient, PatientError
 from grpodx.env.judge import IcdJudge, JudgeError, Verdict
-from grpodx.env.llm import TRANSPORT_FAILURES, ApiError, RateLimiter, retry_after_seconds
 from grpodx.env.patient import Message, ScriptedPatient
-from grpodx.loopback import Fault
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.testing.loopback import Fault
 
 KB = load_knowledge_base()
 CASE = CaseSampler(KB).case_at(0)

@@ -18,6 +18,7 @@ from ray.cluster_utils import Cluster
 from grpodx.config import load_config
 from grpodx.orchestrator import Orchestrator
 from grpodx.scheduler import group_id
+from tests.conftest import small_run_settings
 
 pytestmark = pytest.mark.slow
 
@@ -47,29 +48,17 @@ def cluster():
 
 
 def _config(model_dir, run_dir, name, max_steps):
-    return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            f"train.run_dir={run_dir}",
-            f"train.run_name={name}",
-            f"train.max_steps={max_steps}",
-            f"train.save_steps={max_steps}",
-            "train.batch_size=4",
-            "train.eval_cases=0",
-            "grpo.num_generations=2",
-            "lora.rank=4",
-            "episode.max_turns=2",
-            "episode.sampling.max_new_tokens=6",
-            "ray.num_rollout_workers=auto",
-            "ray.rollout_resources={rollout: 1}",
-            "ray.learner_resources={learner: 1}",
-            "ray.rollout_num_cpus=1",
-            "ray.learner_num_cpus=1",
-            "ray.rescale_interval_s=0.5",
-            "ray.worker_start_timeout_s=120",
-        ],
-    )
+    settings = [
+        f"train.max_steps={max_steps}",
+        f"train.save_steps={max_steps}",
+        "train.batch_size=4",
+        "ray.num_rollout_workers=auto",
+        "ray.rollout_resources={rollout: 1}",
+        "ray.learner_resources={learner: 1}",
+        "ray.rescale_interval_s=0.5",
+        "ray.worker_start_timeout_s=120",
+    ]
+    return load_config(None, small_run_settings(model_dir, run_dir, name, *settings))
 
 
 def _rollout_node(cluster):
@@ -86,7 +75,7 @@ def test_a_rollout_node_that_joins_gets_a_worker_whose_groups_reach_the_learner(
         if step == 2:
             _rollout_node(cluster)
             joined_after.append(step)
-        starting = [slot for slot in orchestrator.pool.slots.values() if not slot.ready]
+        starting = [slot for slot in orchestrator.actors.pool.slots.values() if not slot.ready]
         if step > 2 and starting:
             # Steps of this tiny model take a fraction of a second while an actor takes seconds to
             # start on a busy 2-core machine: hold this step until Ray has built the newcomer's actor.
@@ -98,7 +87,7 @@ def test_a_rollout_node_that_joins_gets_a_worker_whose_groups_reach_the_learner(
         _config(small_model_dir, tmp_path, "grow", 8), progress=False, on_step_end=add_node_at_step_2
     )
     result = orchestrator.train()
-    events = list(orchestrator.pool.events)
+    events = list(orchestrator.actors.pool.events)
     orchestrator.shutdown()
     assert result.steps == 8 and joined_after == [2]
     frame = pd.read_parquet(tmp_path / "grow" / "trajectories")
@@ -122,7 +111,7 @@ def test_a_rollout_node_that_leaves_loses_no_group_and_trains_none_twice(cluster
     def remove_a_busy_node(step, metrics):
         if removed or step < 2:
             return
-        busy = [slot for slot in orchestrator.pool.ready_slots() if slot.groups_in_flight > 0]
+        busy = [slot for slot in orchestrator.actors.pool.ready_slots() if slot.groups_in_flight > 0]
         if not busy:
             return  # try again after the next step
         node_id = ray.get(busy[0].handle.node_id.remote())
@@ -143,7 +132,7 @@ def test_a_rollout_node_that_leaves_loses_no_group_and_trains_none_twice(cluster
     config.episode.sampling.max_new_tokens = 48
     orchestrator = Orchestrator(config, progress=False, on_step_end=remove_a_busy_node)
     result = orchestrator.train()
-    events = list(orchestrator.pool.events)
+    events = list(orchestrator.actors.pool.events)
     orchestrator.shutdown()
     assert result.steps == 8 and len(removed) == 1, events
     assert f"lost {removed[0]}" in events

@@ -285,11 +285,15 @@ def test_train_with_vllm_rollouts(shared_engine, vllm_model_dir, tmp_path):
     try:
         result = orchestrator.train()
         assert result.steps == 2
-        versions = ray.get([w.adapter_versions.remote() for w in orchestrator.workers])
+        versions = ray.get([w.adapter_versions.remote() for w in orchestrator.actors.pool.handles()])
         assert versions == [[0, 2]], versions  # version 1 left at the push of 2 (max_staleness=0)
     finally:
         # A clean exit lets each worker's engine delete its adapter files; shutdown() kills the rest.
-        ray.wait([w.__ray_terminate__.remote() for w in orchestrator.workers], num_returns=1, timeout=30)
+        ray.wait(
+            [w.__ray_terminate__.remote() for w in orchestrator.actors.pool.handles()],
+            num_returns=1,
+            timeout=30,
+        )
         orchestrator.shutdown()
 
     frame = pd.read_parquet(result.run_dir / "trajectories")

@@ -15,8 +15,9 @@ import ray
 from pydantic import SecretStr
 
 from grpodx.config import load_config
-from grpodx.loopback import Fault, OpenAICompatibleServer
 from grpodx.orchestrator import Orchestrator
+from grpodx.testing.loopback import Fault, OpenAICompatibleServer
+from tests.conftest import small_run_settings
 
 pytestmark = pytest.mark.slow
 
@@ -29,27 +30,8 @@ def ray_session():
 
 
 def _config(model_dir, run_dir, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            f"train.run_dir={run_dir}",
-            "train.run_name=faults",
-            "train.max_steps=3",
-            "train.save_steps=100",
-            "train.batch_size=3",
-            "train.eval_cases=0",
-            "grpo.num_generations=2",
-            "lora.rank=4",
-            "episode.max_turns=2",
-            "episode.sampling.max_new_tokens=6",
-            "ray.num_rollout_workers=2",
-            "ray.rollout_num_cpus=1",
-            "ray.learner_num_cpus=1",
-            "ray.rescale_interval_s=0.5",
-            *extra,
-        ],
-    )
+    settings = ["train.max_steps=3", "train.save_steps=100", "ray.rescale_interval_s=0.5", *extra]
+    return load_config(None, small_run_settings(model_dir, run_dir, "faults", *settings))
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -72,7 +54,7 @@ def test_a_hung_rollout_worker_is_replaced_and_its_groups_run_once(
 
     def stop_a_worker(step: int, _metrics: dict) -> None:
         if step == 1:
-            slot = sorted(orchestrator.pool.ready_slots(), key=lambda s: s.worker_id)[0]
+            slot = sorted(orchestrator.actors.pool.ready_slots(), key=lambda s: s.worker_id)[0]
             pid = ray.get(slot.handle.__ray_call__.remote(lambda actor: os.getpid()))
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
@@ -101,7 +83,7 @@ def test_a_dead_patient_worker_is_restarted_and_the_run_goes_on(ray_session, sma
 
     def kill_the_patient(step: int, _metrics: dict) -> None:
         if step == 1:
-            ray.kill(orchestrator.patient_worker, no_restart=False)
+            ray.kill(orchestrator.actors.patient, no_restart=False)
 
     orchestrator = Orchestrator(
         _config(small_model_dir, tmp_path), progress=False, on_step_end=kill_the_patient
@@ -210,7 +192,7 @@ def _fill(directory) -> None:
 
 
 def test_a_full_disk_stops_the_run_and_the_last_checkpoint_resumes(ray_session, small_model_dir, small_disk):
-    from grpodx.orchestrator import TrainingHalted
+    from grpodx.stopping import TrainingHalted
 
     def fill_the_disk(step: int, _metrics: dict) -> None:
         if step == 1:

@@ -12,10 +12,12 @@ from grpodx.algo.grpo import (
     gradient_noise_estimates,
     group_advantages,
     kl_penalty,
+    kl_per_sequence,
+    loss_denominator,
     micro_batches,
     policy_loss,
     sequence_logprobs,
-    sequence_mean_advantages,
+    sequence_weights,
     zero_advantage_groups,
 )
 
@@ -427,31 +429,45 @@ def test_micro_batches_random_respects_budget():
         assert micro_batches(lengths, budget) == batches
 
 
-def test_sequence_mean_advantages_hand_values():
-    # counts [2, 4]: N = 6, B = 2, so scales are 6 / (2 * 2) = 1.5 and 6 / (4 * 2) = 0.75.
-    scaled = sequence_mean_advantages(torch.tensor([1.0, -1.0]), torch.tensor([2, 4]))
-    assert torch.allclose(scaled, torch.tensor([1.5, -0.75]))
-    # A sequence without loss tokens gets no weight instead of a division by zero.
-    assert sequence_mean_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 3]))[0] == 0.0
+def test_aggregation_rule_hand_values():
+    counts = torch.tensor([2, 4, 0])
+    assert torch.equal(sequence_weights("token-mean", counts), torch.tensor([1.0, 1.0, 1.0]))
+    # 1 / L_i; a sequence without loss tokens gets no weight instead of a division by zero.
+    assert torch.equal(sequence_weights("sequence-mean", counts), torch.tensor([0.5, 0.25, 0.0]))
+    assert loss_denominator("token-mean", tokens=6, sequences=3) == 6.0
+    assert loss_denominator("sequence-mean", tokens=6, sequences=3) == 3.0
+    assert loss_denominator("token-mean", tokens=0, sequences=0) == 1.0  # an empty batch: 0 / 1
 
 
-def test_sequence_mean_advantages_turn_token_mean_into_sequence_mean():
+@pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean"])
+def test_aggregation_rule_gives_the_written_out_objective(aggregation):
     generator = torch.Generator().manual_seed(0)
     logprobs = torch.randn(3, 6, generator=generator).clamp(max=0)
     behaviour = logprobs + 0.05 * torch.randn(3, 6, generator=generator)
+    reference = logprobs + 0.1 * torch.randn(3, 6, generator=generator)
     mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     advantages = torch.tensor([1.0, -0.5, 0.3])
     counts = mask.sum(1)
-    loss, _ = policy_loss(
-        logprobs, behaviour, sequence_mean_advantages(advantages, counts), mask, num_tokens=counts.sum()
-    )
-    # The same objective written out: mean over sequences of each sequence's token mean.
-    expected = 0.0
+    weights = sequence_weights(aggregation, counts)
+    denominator = loss_denominator(aggregation, int(counts.sum()), 3)
+    loss, _ = policy_loss(logprobs, behaviour, advantages * weights, mask, num_tokens=1)
+    kl = (kl_per_sequence(logprobs, reference, mask) * weights).sum()
+    # The same objective written out: the mean over tokens, or over sequences of each one's token mean.
+    per_sequence_loss, per_sequence_kl = [], []
     for i in range(3):
         ratio = torch.exp(logprobs[i] - behaviour[i])[mask[i]]
-        per_token = -torch.minimum(ratio * advantages[i], ratio.clamp(0.8, 1.28) * advantages[i])
-        expected += per_token.mean() / 3
-    assert torch.allclose(loss, expected, atol=1e-6)
+        per_sequence_loss.append(
+            -torch.minimum(ratio * advantages[i], ratio.clamp(0.8, 1.28) * advantages[i])
+        )
+        d = (reference[i] - logprobs[i])[mask[i]]
+        per_sequence_kl.append(torch.exp(d) - d - 1)
+    if aggregation == "token-mean":
+        expected_loss, expected_kl = torch.cat(per_sequence_loss).mean(), torch.cat(per_sequence_kl).mean()
+    else:
+        expected_loss = sum(t.mean() for t in per_sequence_loss) / 3
+        expected_kl = sum(t.mean() for t in per_sequence_kl) / 3
+    assert torch.allclose(loss / denominator, expected_loss, atol=1e-6)
+    assert torch.allclose(kl / denominator, expected_kl, atol=1e-6)
 
 
 def test_gradient_noise_estimates_by_hand():

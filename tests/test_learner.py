@@ -145,7 +145,7 @@ def test_micro_batching_matches_one_batch(small_model_dir):
         learner = Learner(_config(**{"grpo.token_budget": budget}), str(small_model_dir), device="cpu")
         learner.accumulate(_table(_rows([1, 0, 0.2, 0.7], 4, learner)))
         gradients.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.requires_grad]))
-        micro_batch_counts.append(learner._pending["micro_batches"])
+        micro_batch_counts.append(learner._pending.micro_batches)
     assert micro_batch_counts == [1, 2]  # 4 episodes of 11 tokens: one batch, or two of 22 tokens
     assert gradients[0].abs().max() > 1e-3  # a real gradient, not two zero vectors
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-6)

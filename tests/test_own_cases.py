@@ -20,10 +20,10 @@ from grpodx.env.api_judge import OpenAIJudge
 from grpodx.env.api_patient import OpenAIPatient, PatientError
 from grpodx.env.judge import IcdJudge, JudgeError
 from grpodx.env.patient import Message
-from grpodx.loopback import Fault
 from grpodx.medical.case_file import load_case_file, load_cases_for, vignette_opening
 from grpodx.medical.cases import CaseSampler, _fingerprint, eval_cases
 from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.testing.loopback import Fault
 
 RUNNER = CliRunner()
 KB = load_knowledge_base()

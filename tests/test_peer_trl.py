@@ -212,9 +212,10 @@ def test_grpo_loss_type_is_sequence_mean(tmp_path):
     args = trl_args(tmp_path, loss_type="grpo", epsilon=0.2, epsilon_high=0.28)
     counts = mask.sum(dim=1)
 
-    def ours(lp):
-        scaled = grpo.sequence_mean_advantages(advantages, counts)
-        return grpo.policy_loss(lp, old, scaled, mask, clip_low=0.2, clip_high=0.28)[0]
+    def ours(lp):  # the learner's rule: A_i * w_i summed over tokens, divided by D
+        weighted = advantages * grpo.sequence_weights("sequence-mean", counts)
+        loss = grpo.policy_loss(lp, old, weighted, mask, clip_low=0.2, clip_high=0.28, num_tokens=1)[0]
+        return loss / grpo.loss_denominator("sequence-mean", int(counts.sum()), len(counts))
 
     ours_value, ours_grad = _grad(ours, logprobs)
     theirs_value, theirs_grad = _grad(lambda lp: trl_loss(args, lp, old, advantages, mask), logprobs)

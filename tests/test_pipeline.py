@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from grpodx.batches import BatchBook
-from grpodx.orchestrator import staleness_metrics
+from grpodx.metrics import staleness_metrics
 from grpodx.staleness import StalenessGate
 from grpodx.worker_pool import bundles_available
 
@@ -22,10 +22,9 @@ def test_gate_formula_by_hand():
     gate = StalenessGate(max_staleness=1, batch_size=4)
     assert gate.batch_of(0) == 0 and gate.batch_of(7) == 1 and gate.batch_of(8) == 2
     # Version 0 published: batches 0 and 1 may start (tickets 0..7), not batch 2.
-    assert gate.capacity(0) == 8
     assert gate.may_start(7, 0) and not gate.may_start(8, 0)
     assert gate.may_start(11, 1) and not gate.may_start(12, 1)
-    assert gate.staleness(7, 0) == 1 and gate.staleness(3, 0) == 0
+    assert gate.staleness(gate.batch_of(7), 0) == 1 and gate.staleness(gate.batch_of(3), 0) == 0
     # Once version 5 is out, groups may still run on 4 (started one batch ahead), not on 3.
     assert gate.oldest_version_in_use(5) == 4
 
@@ -146,7 +145,7 @@ def test_bundles_available():
 
 def test_staleness_metrics_by_hand():
     table = pa.table({"policy_version": [3, 2, 2, 3], "turn_versions": [[3, 3], [2, 3], [2], [3]]})
-    metrics = staleness_metrics(table, trained_by=3, max_staleness=2)
+    metrics = staleness_metrics(table, StalenessGate(max_staleness=2, batch_size=4), batch=3)
     assert metrics["staleness/mean"] == pytest.approx(0.5)
     assert metrics["staleness/max"] == 1
     assert metrics["staleness/share_0"] == 0.5 and metrics["staleness/share_1"] == 0.5

@@ -198,7 +198,7 @@ def test_a_server_that_refuses_connections_stops_the_run_with_its_url(monkeypatc
 
 
 def test_a_refused_key_stops_the_run_and_is_never_printed(monkeypatch, tmp_path, small_model_dir):
-    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     with OpenAICompatibleServer() as server:
         server.inject("echo_key", times=2)  # a 401 whose message repeats the Authorization header
@@ -211,7 +211,7 @@ def test_a_refused_key_stops_the_run_and_is_never_printed(monkeypatch, tmp_path,
 
 
 def test_a_model_the_server_does_not_serve_is_named(monkeypatch, tmp_path, small_model_dir):
-    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     with OpenAICompatibleServer(served_models={"gpt-4o-mini"}) as server:
         overrides = ["judge.kind=openai", f"judge.base_url={server.base_url}", "judge.model=no-such-model"]
@@ -220,7 +220,7 @@ def test_a_model_the_server_does_not_serve_is_named(monkeypatch, tmp_path, small
 
 
 def test_the_key_can_come_from_a_file(monkeypatch, tmp_path, small_model_dir):
-    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     key_file = tmp_path / "key"

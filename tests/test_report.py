@@ -22,6 +22,7 @@ from grpodx.cli import app
 from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.medical.cases import CaseCard
 from grpodx.report import Episode, Figures, conditions_section, write_report
+from tests.conftest import small_run_settings
 
 SECTION_HEADINGS = (
     "1. Learning curves",
@@ -420,24 +421,13 @@ def test_report_of_a_short_real_run(ray_session, small_model_dir, tmp_path):
     from grpodx.config import load_config
     from grpodx.orchestrator import Orchestrator
 
-    settings = [
-        f"model.name={small_model_dir}",
-        f"train.run_dir={tmp_path}",
-        "train.run_name=report-test",
-        "train.max_steps=2",
-        "train.save_steps=2",
-        "train.batch_size=2",
-        "train.eval_cases=4",
-        "train.eval_temperature=0.7",
-        "train.eval_greedy=true",
-        "grpo.num_generations=2",
-        "lora.rank=4",
-        "episode.max_turns=2",
-        "episode.sampling.max_new_tokens=6",
-        "ray.num_rollout_workers=1",
-        "ray.rollout_num_cpus=1",
-        "ray.learner_num_cpus=1",
-    ]
+    settings = small_run_settings(
+        small_model_dir,
+        tmp_path,
+        "report-test",
+        *("train.max_steps=2", "train.save_steps=2", "train.batch_size=2", "train.eval_cases=4"),
+        *("train.eval_temperature=0.7", "train.eval_greedy=true", "ray.num_rollout_workers=1"),
+    )
     orchestrator = Orchestrator(load_config(None, settings), progress=False)
     try:
         run = orchestrator.train().run_dir

@@ -11,6 +11,7 @@ import ray
 
 from grpodx.config import load_config
 from grpodx.orchestrator import Orchestrator
+from tests.conftest import small_run_settings
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +22,8 @@ def ray_session():
 
 
 def _config(model_dir, run_dir, max_steps, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            f"train.run_dir={run_dir}",
-            "train.run_name=ray-test",
-            f"train.max_steps={max_steps}",
-            "train.save_steps=1",
-            "train.batch_size=3",
-            "train.eval_cases=4",
-            "grpo.num_generations=2",
-            "grpo.lr=1e-2",
-            "lora.rank=4",
-            "episode.max_turns=2",
-            "episode.sampling.max_new_tokens=6",
-            "ray.num_rollout_workers=2",
-            "ray.rollout_num_cpus=1",
-            "ray.learner_num_cpus=1",
-            *extra,
-        ],
-    )
+    settings = [f"train.max_steps={max_steps}", "train.save_steps=1", "train.eval_cases=4", "grpo.lr=1e-2"]
+    return load_config(None, small_run_settings(model_dir, run_dir, "ray-test", *settings, *extra))
 
 
 def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
@@ -75,9 +57,9 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     assert (run_dir / "report" / "report.html").is_file()  # written at the end of every run
 
     # The adapter version advanced on every worker, to the learner's version.
-    versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.pool.slots.values()])
+    versions = ray.get([s.handle.adapter_versions.remote() for s in orchestrator.actors.pool.slots.values()])
     assert all(max(v) == 2 for v in versions), versions
-    assert ray.get(orchestrator.learner.version.remote()) == 2
+    assert ray.get(orchestrator.actors.learner.version.remote()) == 2
     orchestrator.shutdown()
 
     # Trajectories: one Parquet file per step, readable by pandas and pyarrow, masks as recorded.
@@ -130,7 +112,7 @@ def test_train_resume_and_trajectories(ray_session, small_model_dir, tmp_path):
     result = resumed.train()
     assert result.steps == 3
     assert result.eval_before is None and result.eval_paired is None  # no "before" for a resumed run
-    versions = ray.get([s.handle.adapter_versions.remote() for s in resumed.pool.slots.values()])
+    versions = ray.get([s.handle.adapter_versions.remote() for s in resumed.actors.pool.slots.values()])
     assert all(max(v) == 3 for v in versions)
     resumed.shutdown()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -148,7 +130,7 @@ def test_training_with_api_patient_and_judge(ray_session, small_model_dir, tmp_p
     """A few steps with both API backends pointed at our loopback Chat Completions server."""
     from pydantic import SecretStr
 
-    from grpodx.loopback import OpenAICompatibleServer
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     secret = "sk-test-grpodx-0123456789abcdef"
     with OpenAICompatibleServer() as server:
@@ -237,8 +219,8 @@ def test_a_run_whose_patient_api_dies_stops_with_a_checkpoint(ray_session, small
     train.max_failed_steps steps with a checkpoint to resume from."""
     from pydantic import SecretStr
 
-    from grpodx.loopback import OpenAICompatibleServer
-    from grpodx.orchestrator import TrainingHalted
+    from grpodx.stopping import TrainingHalted
+    from grpodx.testing.loopback import OpenAICompatibleServer
 
     with OpenAICompatibleServer() as server:
         config = _config(

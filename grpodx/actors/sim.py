@@ -21,6 +21,7 @@ from grpodx.env import make_judge, make_patient
 from grpodx.env.judge import Judge, Verdict
 from grpodx.env.patient import Message, Patient
 from grpodx.medical.cases import CaseCard
+from grpodx.worker_pool import WORKER_LOST_ERRORS
 
 SIM_WORKER_RESTARTS = 10
 # How long a call waits for a restarting worker before its episode fails.
@@ -115,3 +116,19 @@ def start_sim_workers(config: Config, api_key: SecretStr | None = None):
     patient = PatientWorker.options(**patient_options).remote(config, api_key)
     judge = JudgeWorker.options(**judge_options).remote(config, api_key)
     return patient, judge
+
+
+async def api_usage(patient, judge) -> dict[str, float]:
+    """Token usage, failures and cost estimate of an API-backed patient and judge (their worker
+    handles): this step's and in total; nothing for offline ones."""
+    metrics: dict[str, float] = {}
+    for role, worker in (("patient", patient), ("judge", judge)):
+        try:
+            step, total = await asyncio.gather(worker.usage_delta.remote(), worker.usage_total.remote())
+        except WORKER_LOST_ERRORS:
+            continue  # restarting (max_restarts above): its counters died with it
+        metrics.update({f"api/{role}/{key}": value for key, value in step.items()})
+        if total:
+            metrics[f"api/{role}/total_cost_usd"] = total["cost_usd"]
+            metrics[f"api/{role}/total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    return metrics

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -71,25 +72,33 @@ def zero_advantage_groups(rewards: Tensor, group_size: int, atol: float = 1e-8) 
     return (groups.amax(dim=1) - groups.amin(dim=1)) <= atol
 
 
-def sequence_mean_advantages(advantages: Tensor, loss_token_counts: Tensor) -> Tensor:
-    """Rescale advantages so that the token-mean ``policy_loss`` becomes a sequence mean.
+LossAggregation = Literal["token-mean", "sequence-mean"]
 
-    ``A_i * N / (L_i * B)`` with ``L_i`` the loss tokens of sequence i, ``N`` their sum and ``B`` the
-    number of sequences: every episode then weighs the same whatever its length. Why it matters: under
-    a token mean, a group whose failures are longer than its successes puts net negative weight on the
-    tokens all its episodes share (the markup, the phrasing of questions), which drives a small policy
-    towards garbage.
-    The clipped objective is positively homogeneous in A, so scaling A is exactly re-weighting the tokens.
+
+def sequence_weights(aggregation: LossAggregation, loss_token_counts: Tensor) -> Tensor:
+    """The weight of each episode's tokens in its batch's summed loss; with :func:`loss_denominator`
+    this is the whole aggregation rule:
+
+        batch loss = sum_i w_i * sum_t loss_it / D,
+        token-mean:     w_i = 1,      D = loss tokens of the batch (every token weighs the same);
+        sequence-mean:  w_i = 1 / L_i, D = episodes of the batch (every episode weighs the same).
+
+    Why sequence-mean exists: under a token mean, a group whose failures are longer than its successes
+    puts net negative weight on the tokens all its episodes share (the markup, the phrasing of
+    questions), which drives a small policy towards garbage. The clipped objective is positively
+    homogeneous in the advantage, so weighting an episode's advantage weights its policy-loss tokens.
+    An episode without loss tokens gets weight 0 rather than a division by zero.
     """
     counts = loss_token_counts.float()
-    if counts.shape != advantages.shape:
-        raise ValueError(
-            f"advantages and loss_token_counts must both be [B], got {tuple(advantages.shape)} "
-            f"and {tuple(counts.shape)}"
-        )
-    total = counts.sum()
-    scale = torch.where(counts > 0, total / (counts.clamp(min=1) * counts.numel()), 0.0)
-    return advantages.float() * scale
+    if aggregation == "token-mean":
+        return torch.ones_like(counts)
+    return torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)
+
+
+def loss_denominator(aggregation: LossAggregation, tokens: int, sequences: int) -> float:
+    """``D`` of :func:`sequence_weights`, over the whole batch (every micro-batch and accumulate call);
+    1 for an empty batch, whose summed loss is 0."""
+    return float(max(1, sequences if aggregation == "sequence-mean" else tokens))
 
 
 def target_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -270,12 +279,19 @@ def kl_penalty(
     the policy and, unlike ``-d`` (k1), never negative, so it has far lower variance. The log-ratio is
     clamped to +-20 so that one wild token gives a large but finite penalty instead of inf.
     """
+    return kl_per_sequence(logprobs, ref_logprobs, loss_mask).sum() / _token_denominator(
+        loss_mask, num_tokens
+    )
+
+
+def kl_per_sequence(logprobs: Tensor, ref_logprobs: Tensor, loss_mask: Tensor) -> Tensor:
+    """[B]: each sequence's k3 KL summed over its masked tokens (see :func:`kl_penalty`)."""
     _check_token_shapes(logprobs, ref_logprobs, loss_mask, "ref_logprobs")
     mask = loss_mask.bool()
     delta = torch.where(mask, ref_logprobs.detach().float() - logprobs.float(), 0.0)
     delta = delta.clamp(-_KL_MAX_LOG_RATIO, _KL_MAX_LOG_RATIO)
     per_token = torch.exp(delta) - delta - 1.0
-    return torch.where(mask, per_token, 0.0).sum() / _token_denominator(loss_mask, num_tokens)
+    return torch.where(mask, per_token, 0.0).sum(dim=-1)
 
 
 def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:

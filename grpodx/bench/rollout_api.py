@@ -35,10 +35,10 @@ from grpodx.bench.core import (
     stat,
 )
 from grpodx.config import Config
-from grpodx.loopback import OpenAICompatibleServer
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.rollout import Scenario
+from grpodx.testing.loopback import OpenAICompatibleServer
 
 LATENCY_S = 0.3
 # Settings with at least this many episodes in flight per worker wait for their cancelled leftovers.

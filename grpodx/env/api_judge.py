@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from grpodx.api_client import ApiBacked, ApiClient, ApiError, ChatResult
 from grpodx.config import JudgeConfig
 from grpodx.env.judge import IcdJudge, Judge, JudgeError, Verdict
-from grpodx.env.llm import ApiBacked, ApiClient, ApiError, ChatResult
 from grpodx.env.patient import Message
 from grpodx.medical.cases import CaseCard
 from grpodx.medical.knowledge import KnowledgeBase

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 
+from grpodx.api_client import ApiBacked, ApiClient
 from grpodx.config import PatientConfig
-from grpodx.env.llm import ApiBacked, ApiClient
 from grpodx.env.patient import Message, Patient, ScriptedPatient
 from grpodx.medical.case_file import gold_names, vignette_opening
 from grpodx.medical.cases import CaseCard
