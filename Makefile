@@ -34,7 +34,8 @@ train: install
 eval: install
 	$(BIN)/grpodx eval --config $(CONFIG) $(ARGS)
 
-# The benchmark suite (about 10 minutes on 2 CPU cores; ARGS="--quick" for 1-2 minutes).
+# The benchmark suite (about 28 minutes on 2 CPU cores, 12 of them the scaling simulation; ARGS="--quick"
+# for 3-5 minutes). Figures and what each measures: docs/benchmarks.md.
 bench: install
 	$(BIN)/grpodx bench --config $(CONFIG) $(ARGS)
 

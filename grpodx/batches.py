@@ -4,8 +4,10 @@ A group (ticket) is *dispatched* to a worker, then either *finished* (its trajec
 *failed* (its worker died or left the cluster). A failed group is dispatched again, up to
 ``max_attempts`` times, then recorded as *lost*. The first result of a ticket is kept; any later one
 (a worker thought dead that answers after all, a retried copy) is a *duplicate*, counted and dropped,
-so no group is trained twice. Batch ``s`` is tickets ``[s * B, (s + 1) * B)`` (see
-:mod:`grpodx.staleness`) and is complete when each of them is finished or lost.
+so no group is trained twice. A result is a reference to the group's trajectories in Ray's object store;
+one whose object is lost before the learner reads it fails its group like a lost worker. Batch ``s``
+is tickets ``[s * B, (s + 1) * B)`` (see :mod:`grpodx.staleness`) and is complete when each of them is
+finished or lost.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ class BatchBook:
         self.retried += 1
         self.retry_queue.append(ticket)
         return True
+
+    def on_result_lost(self, ticket: int) -> bool:
+        """A finished group's trajectories were lost before the learner read them (the node holding
+        them left the cluster): the group counts as failed, and goes out again if it may."""
+        record = self.tickets.get(ticket)
+        if record is None or not record.finished:
+            return False
+        record.finished = record.handed_over = False
+        record.result = None
+        return self.on_group_failed(ticket)
 
     def next_retry(self) -> int | None:
         """A failed ticket to dispatch again, skipping any whose result arrived after all."""

@@ -100,7 +100,8 @@ class SamplingConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: Literal["hf", "vllm"] = "hf"
+    # simulated: no model, a model of a GPU's time costs (see SimulationConfig); benchmarks and tests.
+    kind: Literal["hf", "vllm", "simulated"] = "hf"
     max_batch_size: int = Field(64, ge=1)
     # Transformers engine: a batch waits for requests that keep arriving within batch_gap_ms of each
     # other, up to batch_wait_ms, because a running batch takes no new ones (vLLM's does).
@@ -155,7 +156,6 @@ class _ApiRoleConfig(_Section):
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     max_concurrency: int = Field(64, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
     client: ApiClientConfig = Field(default_factory=ApiClientConfig)
 
     _check_base_url = field_validator("base_url")(_http_url)
@@ -163,6 +163,7 @@ class _ApiRoleConfig(_Section):
 
 class PatientConfig(_ApiRoleConfig):
     kind: Literal["scripted", "openai"] = "scripted"
+    temperature: float = Field(0.7, ge=0.0)
     max_tokens: int = Field(200, ge=1)
     # Send each card's seed with the request, so a replayed episode gets the same answers where the
     # server honours seeds. Off for servers that mishandle it (vLLM's CPU server with chunked prefill
@@ -208,11 +209,11 @@ class GRPOConfig(_Section):
     skip_tied_groups: bool = False
     # token-mean: every doctor token of the batch weighs the same; sequence-mean: every episode does.
     loss_aggregation: Literal["token-mean", "sequence-mean"] = "token-mean"
-    lr: float = Field(5e-6, gt=0.0)
     # The gradient noise scale (learner/noise_scale, docs/metrics.md): how many groups a step needs
     # before its signal beats its noise. It copies the adapter's gradient at every accumulate call, which
     # costs a LoRA-sized copy per group: cheap for the tiny doctor, worth switching off for a large one.
     measure_noise_scale: bool = True
+    lr: float = Field(5e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -294,6 +295,40 @@ class RayConfig(_Section):
     dashboard: bool = False
 
 
+class SimulationConfig(_Section):
+    """Time costs of a GPU cluster, for ``engine.kind: simulated`` (benchmarks and tests only).
+
+    With ``engine.kind: simulated`` the generation engine and the learner do no model compute: the
+    engine replays a scripted doctor (questions, then a final diagnosis on turn ``doctor_turns``) and
+    sleeps as long as a GPU would take to decode it; the learner sleeps per token and per step and
+    publishes an adapter of ``adapter_mib``. Everything else, the orchestrator, Ray calls, Arrow
+    batches, weight pushes, the staleness gate, patient, judge and reward, is the real code, so that
+    one small machine can schedule the work of many GPUs (grpodx/engines/simulated.py,
+    grpodx/simulated_learner.py, grpodx/simulated_rollout.py).
+    """
+
+    # The engine batches continuously, like vLLM: one decode step of the running batch takes
+    # engine_step_s + engine_token_s x (sequences in it) and gives each sequence one token, so one
+    # engine's throughput approaches 1 / engine_token_s tokens/s as its batch fills. Prompts cost
+    # nothing (prefix caching). engine.max_batch_size caps the running batch.
+    engine_step_s: float = Field(0.02, ge=0.0)
+    engine_token_s: float = Field(0.0002, ge=0.0)
+    # Tokens of every simulated doctor turn (closing <|im_end|> included), reasoning padded to fit.
+    tokens_per_turn: int = Field(64, ge=1)
+    # The turn (1-based) on which the simulated doctor gives its final diagnosis.
+    doctor_turns: int = Field(3, ge=1)
+    # Simulated engines (GPUs) per rollout actor process: each has its own engine and its share of
+    # ray.episodes_per_worker. Above 1 only where one process per engine does not fit the machine.
+    engines_per_worker: int = Field(1, ge=1)
+    # The learner: seconds per token of every valid episode it accumulates (all positions: a forward
+    # and backward pass cost that much), and per optimizer step.
+    learner_token_s: float = Field(0.0, ge=0.0)
+    learner_step_s: float = Field(0.0, ge=0.0)
+    # Size of the adapter the learner publishes (every rollout engine copies it in, as a real one
+    # copies its weights to the GPU); Phi-4's rank-16 LoRA is 106 MiB in bf16.
+    adapter_mib: float = Field(1.0, ge=0.0)
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -305,6 +340,7 @@ class Config(_Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
@@ -320,7 +356,35 @@ class Config(_Section):
                 "engine.kind=vllm records logprobs after top-p, not the ones the learner scores; "
                 "set episode.sampling.top_p=1.0 or engine.kind=hf"
             )
+        if self.engine.kind == "simulated":
+            self._check_simulation()
+        elif self.simulation.engines_per_worker > 1:
+            raise ValueError(
+                "simulation.engines_per_worker only applies to engine.kind=simulated; set it to 1"
+            )
         return self
+
+    def _check_simulation(self) -> None:
+        simulation, episode = self.simulation, self.episode
+        if simulation.doctor_turns > episode.max_turns:
+            raise ValueError(
+                f"simulation.doctor_turns={simulation.doctor_turns} is more than episode.max_turns="
+                f"{episode.max_turns}: the simulated doctor would never diagnose; lower it"
+            )
+        if simulation.tokens_per_turn > episode.sampling.max_new_tokens:
+            raise ValueError(
+                f"simulation.tokens_per_turn={simulation.tokens_per_turn} is more than "
+                f"episode.sampling.max_new_tokens={episode.sampling.max_new_tokens}: every simulated "
+                "turn would be cut short; lower it or raise max_new_tokens"
+            )
+        per_engine = self.ray.episodes_per_worker // simulation.engines_per_worker
+        if per_engine < self.grpo.num_generations:
+            raise ValueError(
+                f"ray.episodes_per_worker={self.ray.episodes_per_worker} shared by "
+                f"simulation.engines_per_worker={simulation.engines_per_worker} engines leaves "
+                f"{per_engine} episodes per engine, fewer than one group (grpo.num_generations="
+                f"{self.grpo.num_generations}); raise ray.episodes_per_worker"
+            )
 
 
 def _setting_key(loc: tuple) -> str:

@@ -387,8 +387,12 @@ class Learner:
         return grpo.sequence_logprobs(logits, ids, self.temperature)[0].tolist()
 
     # ---- publishing and checkpoints -------------------------------------------------------------
-    def adapter(self) -> AdapterWeights:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+    def adapter(self, copy: bool = True) -> AdapterWeights:
+        """The LoRA tensors as CPU copies; ``copy=False`` gives the live parameters (on the learner's
+        device) to a caller that copies them at once, as :func:`grpodx.adapter_transport.pack` does."""
+        state = {k: v.detach() for k, v in get_peft_model_state_dict(self.model).items()}
+        if copy:
+            state = {k: v.to("cpu", copy=True) for k, v in state.items()}
         return AdapterWeights(version=self.version, state_dict=state, peft_config=dict(self.peft_config))
 
     def save(self, directory: str | Path) -> None:

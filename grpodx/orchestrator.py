@@ -29,11 +29,10 @@ from grpodx.actors.run_actors import RunActors
 from grpodx.actors.sim import api_usage
 from grpodx.adapter_broadcast import AdapterBroadcast
 from grpodx.config import Config, dump_config
-from grpodx.data.sink import ParquetSink
 from grpodx.held_out import HeldOutEvaluation
 from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
-from grpodx.metrics import MetricsLogger, StepTimer, failure_report, rollout_metrics, staleness_metrics
+from grpodx.metrics import MetricsLogger, StepTimer
 from grpodx.preflight import CHECKPOINT_STATE, adapter_shapes, check_api_backends, resolve_model
 from grpodx.ray_cluster import init_ray
 from grpodx.report import write_run_figures
@@ -41,6 +40,13 @@ from grpodx.run_directory import new_run_dir, open_checkpoint
 from grpodx.scheduler import Scheduler
 from grpodx.stopping import CtrlC, FailureBreaker, TrainingInterrupted, cannot_write, checkpoint_dir
 from grpodx.storage import RunLock
+
+
+def _episodes_lost(answer) -> bool:
+    """The learner could not read a group's episodes: the object (owned by the rollout worker that put it)
+    died with its worker or node, directly or as the cause of the learner's task error."""
+    cause = answer.cause if isinstance(answer, ray.exceptions.RayTaskError) else answer
+    return isinstance(cause, ray.exceptions.ObjectLostError)
 
 
 def _shown(value: float, digits: int) -> str:
@@ -100,9 +106,10 @@ class Orchestrator:
         self.adapter: AdapterBroadcast | None = None
         self.scheduler: Scheduler | None = None
         self._timer: StepTimer | None = None
-        # The batch being accumulated: its groups go to the learner as they finish.
+        # The batch being accumulated: its groups go to the learner as they finish; (ticket, the
+        # learner's answer) of those sent and not yet checked.
         self._accumulating = 0
-        self._accumulate_refs: list[ray.ObjectRef] = []
+        self._accumulate_refs: list[tuple[int, ray.ObjectRef]] = []
 
     def train(self) -> TrainResult:
         return asyncio.run(self._train())
@@ -130,7 +137,6 @@ class Orchestrator:
             config.ray.worker_start_timeout_s,
             self.adapter.on_worker_ready,
         )
-        sink = ParquetSink(self.storage)
         logger = MetricsLogger(self.storage, resumed_at=self.step if self.checkpoint else None)
         if self.step == 0:
             await self.evaluation.before(pool, logger, self.step)
@@ -143,7 +149,7 @@ class Orchestrator:
         )
         try:
             with self.ctrl_c:
-                await self._train_loop(sink, logger, bar)
+                await self._train_loop(logger, bar)
         finally:
             bar.close()
         if self.ctrl_c.requested:
@@ -173,7 +179,7 @@ class Orchestrator:
         self._saved = self.checkpoint
 
     # ---- the loop -------------------------------------------------------------------------------
-    async def _train_loop(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
+    async def _train_loop(self, logger: MetricsLogger, bar: tqdm) -> None:
         config, pool = self.config, self.actors.pool
         self.scheduler = scheduler = Scheduler(config, pool, self.sampler, self.step, self._log)
         self._accumulating = self.step
@@ -191,7 +197,7 @@ class Orchestrator:
                 and scheduler.book.is_batch_complete(self._accumulating)
             )
             if step_task is None and batch_complete:
-                step_task = asyncio.get_running_loop().create_task(self._finish_step(sink, logger, bar))
+                step_task = asyncio.get_running_loop().create_task(self._finish_step(logger, bar))
                 continue
             waiting = set(scheduler.in_flight) | ({step_task} if step_task else set())
             scheduler.check_workers_alive()
@@ -212,31 +218,49 @@ class Orchestrator:
         scheduler.cancel()
 
     def _send_to_learner(self, batch: int) -> None:
-        for record_batch in self.scheduler.groups_of(batch):
-            self._accumulate_refs.append(self.actors.learner.accumulate.remote(record_batch))
+        for ticket, episodes in self.scheduler.groups_of(batch):
+            self._accumulate_refs.append((ticket, self.actors.learner.accumulate.remote(episodes)))
 
-    async def _finish_step(self, sink: ParquetSink, logger: MetricsLogger, bar: tqdm) -> None:
+    async def _all_accumulated(self) -> bool:
+        """Wait for the learner to take every group sent; False when some group's episodes were lost on
+        the way (the node holding them left): those groups go out again, and the batch waits for them."""
+        sent, self._accumulate_refs = self._accumulate_refs, []
+        answers = await asyncio.gather(*(ref for _, ref in sent), return_exceptions=True)
+        lost = [ticket for (ticket, _), answer in zip(sent, answers, strict=True) if _episodes_lost(answer)]
+        for answer in answers:
+            if isinstance(answer, BaseException) and not _episodes_lost(answer):
+                raise answer
+        for ticket in lost:
+            self.scheduler.on_episodes_lost(ticket)
+        return not lost
+
+    async def _finish_step(self, logger: MetricsLogger, bar: tqdm) -> None:
         """Batch ``self._accumulating`` is complete: step, publish, push, log, checkpoint."""
         config, batch, learner = self.config, self._accumulating, self.actors.learner
         self._send_to_learner(batch)
-        await asyncio.gather(*self._accumulate_refs)
-        step_ref = learner.step.remote()
-        # Groups of the next batch may now go to the learner: its calls run in the order sent.
-        self._accumulate_refs, self._accumulating = [], batch + 1
+        if not await self._all_accumulated():
+            return  # the loop finishes the step once the lost groups are redone
+        # The learner runs its calls in the order sent: the publish goes before the next batch's groups,
+        # which would otherwise hold the new adapter back behind their backward passes.
+        step_ref, publish_ref = learner.step.remote(), learner.publish.remote()
+        self._accumulating = batch + 1
         self._send_to_learner(batch + 1)
         learner_metrics = await step_ref
         push_started = time.perf_counter()
-        await self.adapter.publish(batch + 1, await learner.publish.remote())
+        await self.adapter.publish(batch + 1, await publish_ref)
         push_s = time.perf_counter() - push_started
         self.step = batch + 1
+        if not self.ctrl_c.requested:  # the groups the new version admits start now, not after the logging
+            self.scheduler.dispatch(self.adapter.served_version)
 
-        table, scheduling_metrics = self.scheduler.take_trajectories(batch)
+        # The learner writes the episodes it trained on to Parquet and summarises them.
         try:
-            sink.write(self.step, table)
-        except OSError as exc:
-            raise self._cannot_write(f"the trajectories of step {self.step}", exc) from None
-        metrics = {**rollout_metrics(table), **learner_metrics, **scheduling_metrics}
-        metrics.update(staleness_metrics(table, self.scheduler.gate, batch))
+            rollout_metrics, failures = await learner.close_step.remote(self.storage, self.step)
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, OSError):
+                raise
+            raise self._cannot_write(f"the trajectories of step {self.step}", exc.cause) from None
+        metrics = {**rollout_metrics, **learner_metrics, **self.scheduler.close_batch(batch)}
         metrics.update(await api_usage(self.actors.patient, self.actors.judge))
         busy = await self.actors.pool.busy_seconds()
         metrics.update(self._timer.lap(time.perf_counter(), busy, learner_metrics["learner/seconds"], push_s))
@@ -247,7 +271,6 @@ class Orchestrator:
             raise self._cannot_write(f"the metrics of step {self.step}", exc) from None
         bar.update(1)
         bar.set_postfix(reward=_shown(metrics["reward/mean"], 3), acc=_shown(metrics["reward/accuracy"], 2))
-        failures = failure_report(table)
         if failures:
             self._log(f"step {self.step}: {failures}")
         saved = None

@@ -13,9 +13,9 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
 
 from grpodx.config import Config
 from grpodx.data.trajectory import EpisodeTag, to_record_batch
@@ -26,8 +26,11 @@ from grpodx.env.episode import EpisodeResult, EpisodeRunner
 from grpodx.env.judge import Judge
 from grpodx.env.patient import Patient
 from grpodx.medical.cases import CaseCard
-from grpodx.medical.knowledge import load_knowledge_base
+from grpodx.medical.knowledge import KnowledgeBase, load_knowledge_base
 from grpodx.staleness import StalenessGate
+
+if TYPE_CHECKING:  # only for annotations: a simulated rollout worker never imports torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -62,19 +65,23 @@ class RolloutWorker:
         *,
         engine: GenerationEngine | None = None,
         device: str | torch.device = "cpu",
+        chat: ChatCodec | None = None,
+        kb: KnowledgeBase | None = None,
     ):
-        from transformers import AutoTokenizer
-
         self.worker_id = worker_id
         self.config = config
         self.engine = engine or create_engine(config, model_source, device, seed=config.train.seed)
-        self.chat = ChatCodec(AutoTokenizer.from_pretrained(model_source))
+        if chat is None:
+            from transformers import AutoTokenizer
+
+            chat = ChatCodec(AutoTokenizer.from_pretrained(model_source))
+        self.chat = chat
         self.runner = EpisodeRunner(
             engine=self.engine,
             chat=self.chat,
             patient=patient,
             judge=judge,
-            kb=load_knowledge_base(),
+            kb=kb or load_knowledge_base(),
             episode_config=config.episode,
             reward_config=config.reward,
         )
@@ -187,3 +194,7 @@ class RolloutWorker:
         )
         tags = [EpisodeTag(step, f"eval-{case.case_id}", 0, self.worker_id) for case in cases]
         return to_record_batch(list(zip(tags, results, strict=True)))
+
+    async def close(self) -> None:
+        """Release the engine (vLLM's workers, adapter files)."""
+        await self.engine.close()

@@ -15,11 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 from grpodx.batches import BatchBook
 from grpodx.config import Config
-from grpodx.data.trajectory import TRAJECTORY_SCHEMA
 from grpodx.medical.cases import CaseSampler
 from grpodx.rollout import Scenario
 from grpodx.staleness import StalenessGate
@@ -33,11 +30,13 @@ def group_id(step: int, index: int) -> str:
 
 @dataclass(frozen=True)
 class GroupOutcome:
-    """What came back for one dispatched group: its episodes, or the error that lost its worker."""
+    """What came back for one dispatched group: a reference to its episodes (an Arrow RecordBatch in
+    Ray's object store, which the driver never reads: the learner does), or the error that lost its
+    worker."""
 
     ticket: int
     worker_id: str
-    batch: pa.RecordBatch | None = None
+    episodes: Any = None
     lost: BaseException | None = None
 
 
@@ -101,12 +100,14 @@ class Scheduler:
 
     async def _run_group(self, slot: WorkerSlot, ticket: int, scenario: Scenario) -> GroupOutcome:
         try:
-            batch = await slot.handle.run_group.remote(scenario)
+            # A reference to the episodes, which the worker put in the object store: it goes to the
+            # learner unread, so their bytes go from the worker's node to the learner's, not through here.
+            episodes = await slot.handle.run_group.remote(scenario)
         except WORKER_LOST_ERRORS as exc:
             return GroupOutcome(ticket, slot.worker_id, lost=exc)
         finally:
             slot.groups_in_flight -= 1
-        return GroupOutcome(ticket, slot.worker_id, batch=batch)
+        return GroupOutcome(ticket, slot.worker_id, episodes=episodes)
 
     def on_group_done(self, task: asyncio.Task) -> int | None:
         """Take one finished task back; returns the batch of a group that newly finished (None for a
@@ -120,20 +121,24 @@ class Scheduler:
             self.pool.on_worker_lost(outcome.worker_id)
             self.book.on_group_failed(outcome.ticket)
             return None
-        if self.book.on_group_finished(outcome.ticket, outcome.batch):
+        if self.book.on_group_finished(outcome.ticket, outcome.episodes):
             return self.gate.batch_of(outcome.ticket)
         return None
 
-    def groups_of(self, batch: int) -> list[Any]:
-        """The finished groups of ``batch`` not handed over yet, in ticket order (see BatchBook)."""
-        return [record_batch for _, record_batch in self.book.hand_over(batch)]
+    def groups_of(self, batch: int) -> list[tuple[int, Any]]:
+        """(ticket, episodes reference) of the finished groups of ``batch`` not handed over yet, in ticket
+        order (see BatchBook)."""
+        return self.book.hand_over(batch)
 
-    def take_trajectories(self, batch: int) -> tuple[pa.Table, dict[str, float]]:
-        """The finished episodes of a trained ``batch`` and the ledger's and pool's counts for the step's
-        metrics; the ledger then forgets the batch."""
+    def on_episodes_lost(self, ticket: int) -> None:
+        """The learner could not read a group's episodes (their node left): the group goes out again."""
+        self._log(f"the episodes of group {ticket} were lost before the learner read them; re-dispatching")
+        self.book.on_result_lost(ticket)
+
+    def close_batch(self, batch: int) -> dict[str, float]:
+        """The ledger's and the pool's counts of a trained ``batch`` for the step's metrics; the ledger
+        then forgets the batch."""
         book = self.book
-        records = [book.tickets.get(t) for t in book.batch_tickets(batch)]
-        finished = [r.result for r in records if r is not None and r.finished]
         metrics = {
             "groups/lost": float(len(book.lost_in(batch))),
             "groups/retried_total": float(book.retried),
@@ -142,7 +147,7 @@ class Scheduler:
             "workers/desired": float(self.pool.desired_count()),
         }
         book.forget(batch)
-        return pa.Table.from_batches(finished, schema=TRAJECTORY_SCHEMA), metrics
+        return metrics
 
     def cancel(self) -> None:
         for task in self.in_flight:

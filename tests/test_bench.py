@@ -14,7 +14,7 @@ from grpodx.bench.core import BenchContext, fmt, is_stat, ratio_stat, stat
 from grpodx.bench.learner import phi_shaped_row, synthetic_trajectories
 from grpodx.bench.overhead import RecordedCall, turn_rounds
 from grpodx.bench.rollout_api import api_calls
-from grpodx.bench.weight_push import PHI4_SHAPES, phi_lora_shapes
+from grpodx.bench.weight_push import PACKED, PHI4_SHAPES, PICKLED, phi_lora_shapes
 from grpodx.cli import app
 from grpodx.engines.base import SamplingParams
 
@@ -190,3 +190,13 @@ def test_ray_benchmarks_smoke(small_model_dir, tmp_path):
     big = [r for r in rows if r["adapter"].startswith("Phi-4")]
     assert all(r["params"] == 55_705_600 for r in big)
     assert torch.bfloat16.itemsize * 55_705_600 / 2**20 == pytest.approx(big[0]["mib"])
+    # The packed path and the pickled baseline side by side, at each worker count; packing timed apart.
+    assert {(r["path"], r["workers"]) for r in big} == {
+        (path, workers) for path in (PACKED, PICKLED) for workers in (1, 2)
+    }
+    for row in big:
+        if row["path"] == PACKED:
+            total = _positive(row["pack_s"]) + row["push_s"]["median"]
+            assert row["with_pack_over_copy"]["median"] == pytest.approx(total / row["copy_s"]["median"])
+        else:
+            assert row["pack_s"] is None and row["with_pack_over_copy"] is None

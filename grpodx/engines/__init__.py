@@ -24,7 +24,16 @@ def create_engine(config: Config, model_source: str, device, seed: int = 0) -> G
         )
     if config.engine.kind == "vllm":
         return _create_vllm_engine(config, model_source, seed)
-    raise NotImplementedError(f"engine.kind={config.engine.kind!r} is not available; use hf or vllm")
+    if config.engine.kind == "simulated":
+        from grpodx.engines.simulated import SimulatedEngine, light_chat_codec
+
+        chat = light_chat_codec(model_source)
+        return SimulatedEngine(
+            config.simulation, chat, max_batch_size=config.engine.max_batch_size, seed=seed
+        )
+    raise NotImplementedError(
+        f"engine.kind={config.engine.kind!r} is not available; use hf, vllm or simulated"
+    )
 
 
 def _create_vllm_engine(config: Config, model_source: str, seed: int) -> GenerationEngine:

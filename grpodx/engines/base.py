@@ -11,11 +11,15 @@ learner step N. A request names its version when it starts and keeps it to the e
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # only for annotations: a simulated rollout worker never imports torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,54 @@ class AdapterWeights:
     version: int
     state_dict: dict[str, torch.Tensor]
     peft_config: dict = field(default_factory=dict)
+
+
+class AdapterVersions:
+    """The adapter versions an engine holds (0: the base model, no weights) and the requests using each.
+
+    A version unloaded while requests still run on it stays until the last of them finishes, and takes
+    no new request meanwhile: a request keeps the version it started with to its end.
+    """
+
+    def __init__(self):
+        self.weights: dict[int, Any] = {0: None}
+        self._in_use: Counter[int] = Counter()
+        self._unloading: set[int] = set()
+
+    @property
+    def latest(self) -> int:
+        return max(self.weights)
+
+    def versions(self) -> list[int]:
+        return sorted(self.weights)
+
+    def add(self, version: int, weights: Any) -> None:
+        if version <= 0:
+            raise ValueError("adapter versions start at 1; version 0 is the base model")
+        self.weights[version] = weights
+        self._unloading.discard(version)
+
+    def remove(self, version: int) -> None:
+        if version == 0 or version not in self.weights:
+            return
+        if self._in_use[version]:
+            self._unloading.add(version)  # removed when its last request finishes
+        else:
+            del self.weights[version]
+
+    @contextlib.contextmanager
+    def use(self, version: int) -> Iterator[Any]:
+        """Hold ``version`` for one request; KeyError when it is not loaded (or being unloaded)."""
+        if version not in self.weights or version in self._unloading:
+            raise KeyError(f"adapter version {version} is not loaded (loaded: {self.versions()})")
+        self._in_use[version] += 1
+        try:
+            yield self.weights[version]
+        finally:
+            self._in_use[version] -= 1
+            if self._in_use[version] == 0 and version in self._unloading:
+                self._unloading.discard(version)
+                self.weights.pop(version, None)
 
 
 class GenerationEngine(ABC):
@@ -72,3 +124,20 @@ class GenerationEngine(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release the engine's resources."""
+
+
+class InProcessAdapterEngine(GenerationEngine):
+    """An engine that keeps its adapters' weights itself, in an :class:`AdapterVersions`
+    (``self._versions``), rather than handing them to a server (vLLM)."""
+
+    _versions: AdapterVersions
+
+    @property
+    def latest_version(self) -> int:
+        return self._versions.latest
+
+    def loaded_versions(self) -> list[int]:
+        return self._versions.versions()
+
+    def unload_adapter(self, version: int) -> None:
+        self._versions.remove(version)

@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from grpodx.engines.base import AdapterWeights, Generation, GenerationEngine, SamplingParams
+from grpodx.engines.base import (
+    AdapterVersions,
+    AdapterWeights,
+    Generation,
+    InProcessAdapterEngine,
+    SamplingParams,
+)
 from grpodx.models import check_adapter_keys
 
 
@@ -71,7 +76,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
 
 
-class HFEngine(GenerationEngine):
+class HFEngine(InProcessAdapterEngine):
     """A transformers causal LM that serves concurrent requests in batches, with versioned LoRA."""
 
     def __init__(
@@ -91,72 +96,44 @@ class HFEngine(GenerationEngine):
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._adapters: dict[int, AdapterWeights | None] = {0: None}
+        self._versions = AdapterVersions()  # version -> AdapterWeights (None for the base model)
         self._active_version = 0
         self._peft_wrapped = False
-        self._in_use: Counter[int] = Counter()
-        self._doomed: set[int] = set()
         self._pending: list[_Request] = []
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self._model_lock = threading.Lock()
 
     # ---- adapters -------------------------------------------------------------------------------
-    @property
-    def latest_version(self) -> int:
-        return max(self._adapters)
-
-    def loaded_versions(self) -> list[int]:
-        return sorted(self._adapters)
-
     def load_adapter(self, adapter: AdapterWeights) -> None:
-        if adapter.version <= 0:
-            raise ValueError("adapter versions start at 1; version 0 is the base model")
         with self._model_lock:
             if not self._peft_wrapped:
                 self.model = get_peft_model(self.model, LoraConfig(**adapter.peft_config)).eval()
                 self._peft_wrapped = True
         check_adapter_keys(self.model, adapter.state_dict, f"adapter version {adapter.version}")
+        # No copy on CPU: a published adapter's tensors are read-only views of the object store's buffer
+        # (grpodx.adapter_transport); this engine only reads them, copying them into its LoRA parameters
+        # (set_peft_model_state_dict) when it switches to the version.
         state = {name: tensor.detach().to("cpu") for name, tensor in adapter.state_dict.items()}
-        self._adapters[adapter.version] = AdapterWeights(adapter.version, state, adapter.peft_config)
-        self._doomed.discard(adapter.version)
-
-    def unload_adapter(self, version: int) -> None:
-        if version == 0 or version not in self._adapters:
-            return
-        if self._in_use[version]:
-            self._doomed.add(version)  # removed when its last request finishes
-        else:
-            del self._adapters[version]
-
-    def _release(self, version: int) -> None:
-        self._in_use[version] -= 1
-        if self._in_use[version] == 0 and version in self._doomed:
-            self._doomed.discard(version)
-            self._adapters.pop(version, None)
+        self._versions.add(adapter.version, AdapterWeights(adapter.version, state, adapter.peft_config))
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(
         self, prompt_token_ids: list[int], sampling: SamplingParams, adapter_version: int | None = None
     ) -> Generation:
         version = self.latest_version if adapter_version is None else adapter_version
-        if version not in self._adapters or version in self._doomed:
-            raise KeyError(f"adapter version {version} is not loaded (loaded: {self.loaded_versions()})")
-        loop = asyncio.get_running_loop()
-        if self._batcher is None or self._batcher.done():
-            self._wakeup = asyncio.Event()
-            self._batcher = loop.create_task(self._run_batches())
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        request = _Request(list(prompt_token_ids), sampling, version, loop.create_future(), generator)
-        self._in_use[version] += 1
-        self._pending.append(request)
-        self._wakeup.set()
-        try:
+        with self._versions.use(version):
+            loop = asyncio.get_running_loop()
+            if self._batcher is None or self._batcher.done():
+                self._wakeup = asyncio.Event()
+                self._batcher = loop.create_task(self._run_batches())
+            generator = None
+            if sampling.seed is not None:
+                generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+            request = _Request(list(prompt_token_ids), sampling, version, loop.create_future(), generator)
+            self._pending.append(request)
+            self._wakeup.set()
             return await request.future
-        finally:
-            self._release(version)
 
     async def _run_batches(self) -> None:
         while True:
@@ -215,7 +192,7 @@ class HFEngine(GenerationEngine):
         if version == 0:
             return self.model.disable_adapter() if self._peft_wrapped else contextlib.nullcontext()
         if self._active_version != version:
-            set_peft_model_state_dict(self.model, self._adapters[version].state_dict)
+            set_peft_model_state_dict(self.model, self._versions.weights[version].state_dict)
             self._active_version = version
         return contextlib.nullcontext()
 

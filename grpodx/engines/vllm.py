@@ -16,10 +16,11 @@ as the transformers engine does. (On GPUs the mode also keeps vLLM off FlashInfe
 cannot return processed logprobs.)
 
 Adapters. vLLM loads a LoRA adapter from a directory, so each published version is written once, from
-the learner's in-memory tensors, to a private temporary directory in peft's format and served as
-``doctor-v{N}`` under a fresh integer id (a reused id could hit prefix-cache entries computed under
-older weights). A request keeps the adapter it started with; a version is removed from vLLM and
-deleted from disk only when no request uses it any more.
+the learner's in-memory tensors, to a private temporary directory in peft's format (in RAM, on
+``/dev/shm``, when it has room: see :func:`adapter_parent_dir`) and served as ``doctor-v{N}`` under a
+fresh integer id (a reused id could hit prefix-cache entries computed under older weights). A request
+keeps the adapter it started with; a version is removed from vLLM and its files deleted only when no
+request uses it any more.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ from safetensors.torch import save_file
 from grpodx.engines.base import AdapterWeights, Generation, GenerationEngine, SamplingParams
 
 LOGPROBS_MODE = "processed_logprobs"
+# Why the adapter files go to RAM. vLLM 0.32 loads a LoRA only from a path: ``LoRARequest`` carries a
+# ``lora_path`` and no tensors, and the engine core's worker reads it with
+# ``LoRAModel.from_local_checkpoint`` (an in-memory variant was asked for in vLLM issue #4068 and proposed
+# in PR #12609; neither went in). So each version must become files; on tmpfs, writing and reading them
+# are memory copies, not disk writes. Ray's object store lives on /dev/shm too, hence the headroom.
+RAM_DIR = Path("/dev/shm")
+RAM_HEADROOM_BYTES = 512 * 2**20
 # vLLM sizes its LoRA buffers for one of these ranks only; a smaller adapter fits a larger buffer.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -50,6 +58,18 @@ def vllm_lora_rank(rank: int) -> int:
         if allowed >= rank:
             return allowed
     raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}; lora.rank is {rank}")
+
+
+def adapter_parent_dir(nbytes: int, ram_dir: Path = RAM_DIR) -> Path:
+    """Where to write an adapter of ``nbytes``: ``ram_dir`` if it is a writable directory with room for
+    it and :data:`RAM_HEADROOM_BYTES` more (a container's /dev/shm is often 64 MB), else the temp dir."""
+    try:
+        has_room = shutil.disk_usage(ram_dir).free >= nbytes + RAM_HEADROOM_BYTES
+    except OSError:  # no such directory
+        has_room = False
+    if has_room and os.access(ram_dir, os.W_OK | os.X_OK):
+        return ram_dir
+    return Path(tempfile.gettempdir())
 
 
 def write_peft_adapter(adapter: AdapterWeights, directory: Path) -> Path:
@@ -111,9 +131,10 @@ class VLLMEngine(GenerationEngine):
             **fixed_kv_cache,
         )
         self._llm = AsyncLLM.from_engine_args(args)
-        self._adapter_root = Path(tempfile.mkdtemp(prefix="grpodx-adapters-"))
+        # This engine's adapter directories, one per parent (RAM or the temp dir), made when first used.
+        self._adapter_roots: dict[Path, Path] = {}
         # close() is the clean path; this also covers an engine dropped or an interpreter that exits.
-        self._remove_adapter_root = weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+        self._remove_adapter_roots = weakref.finalize(self, _remove_dirs, self._adapter_roots)
         self._adapters: dict[int, _Adapter] = {0: _Adapter(0, None, None)}
         self._retiring: list[_Adapter] = []
         self._lora_ids = itertools.count(1)
@@ -138,12 +159,19 @@ class VLLMEngine(GenerationEngine):
             raise ValueError("adapter versions start at 1; version 0 is the base model")
         lora_id = next(self._lora_ids)
         name = f"doctor-v{adapter.version}"
-        path = write_peft_adapter(adapter, self._adapter_root / f"{name}-id{lora_id}")
+        path = write_peft_adapter(adapter, self._adapter_root(adapter) / f"{name}-id{lora_id}")
         previous = self._adapters.get(adapter.version)
         lora_request = LoRARequest(name, lora_id, str(path))
         self._adapters[adapter.version] = _Adapter(adapter.version, lora_request, path)
         if previous is not None:
             self._retire(previous)
+
+    def _adapter_root(self, adapter: AdapterWeights) -> Path:
+        nbytes = sum(t.numel() * t.element_size() for t in adapter.state_dict.values())
+        parent = adapter_parent_dir(nbytes)
+        if parent not in self._adapter_roots:
+            self._adapter_roots[parent] = Path(tempfile.mkdtemp(prefix="grpodx-adapters-", dir=parent))
+        return self._adapter_roots[parent]
 
     def unload_adapter(self, version: int) -> None:
         if version == 0 or version not in self._adapters:
@@ -233,4 +261,9 @@ class VLLMEngine(GenerationEngine):
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self._llm.shutdown()
-        self._remove_adapter_root()
+        self._remove_adapter_roots()
+
+
+def _remove_dirs(roots: dict[Path, Path]) -> None:
+    for root in roots.values():
+        shutil.rmtree(root, ignore_errors=True)

@@ -14,11 +14,19 @@ import re
 import warnings
 from typing import Literal
 
-with warnings.catch_warnings():
-    # The package (or its resource loading) may emit deprecation warnings on import; they
-    # are noise for our users and not actionable here.
-    warnings.simplefilter("ignore")
-    import simple_icd_10_cm as _cm
+
+@functools.cache
+def _tables():
+    """The ``simple_icd_10_cm`` package, imported on first use: its tables take about 170 MB, which a
+    process that only holds an already validated knowledge base (a simulated rollout worker) never needs."""
+    with warnings.catch_warnings():
+        # The package (or its resource loading) may emit deprecation warnings on import; they
+        # are noise for our users and not actionable here.
+        warnings.simplefilter("ignore")
+        import simple_icd_10_cm
+
+    return simple_icd_10_cm
+
 
 Closeness = Literal["exact", "category", "block", "chapter", "none"]
 
@@ -36,7 +44,8 @@ def normalise_code(code: str) -> str:
     cleaned = code.strip().upper()
     if len(cleaned) > 3 and "." not in cleaned:
         cleaned = f"{cleaned[:3]}.{cleaned[3:]}"
-    if not _cm.is_valid_item(cleaned) or not (_cm.is_category(cleaned) or _cm.is_subcategory(cleaned)):
+    cm = _tables()
+    if not cm.is_valid_item(cleaned) or not (cm.is_category(cleaned) or cm.is_subcategory(cleaned)):
         raise ValueError(f"{code!r} is not a valid ICD-10-CM diagnosis code")
     return cleaned
 
@@ -56,7 +65,7 @@ def _levels(code: str) -> tuple[str, str, str]:
     ``get_ancestors`` lists parents from nearest to farthest and always ends with the block
     and the chapter; the category is the first three characters of any diagnosis code.
     """
-    ancestors = _cm.get_ancestors(code)
+    ancestors = _tables().get_ancestors(code)
     return code[:3], ancestors[-2], ancestors[-1]
 
 
@@ -92,10 +101,11 @@ def _description_index() -> dict[str, str]:
     diagnosis written as the billable description scores as exact.
     """
     index: dict[str, str] = {}
-    for code in _cm.get_all_codes(True):
+    cm = _tables()
+    for code in cm.get_all_codes(True):
         if code.isdigit() or "-" in code:  # chapters and blocks are not diagnoses
             continue
-        key = _description_key(_cm.get_description(code))
+        key = _description_key(cm.get_description(code))
         if len(code) > len(index.get(key, "")):
             index[key] = code
     return index
