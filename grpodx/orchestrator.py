@@ -37,16 +37,9 @@ from grpodx.preflight import CHECKPOINT_STATE, adapter_shapes, check_api_backend
 from grpodx.ray_cluster import init_ray
 from grpodx.report import write_run_figures
 from grpodx.run_directory import new_run_dir, open_checkpoint
-from grpodx.scheduler import Scheduler
+from grpodx.scheduler import Scheduler, episodes_lost
 from grpodx.stopping import CtrlC, FailureBreaker, TrainingInterrupted, cannot_write, checkpoint_dir
 from grpodx.storage import RunLock
-
-
-def _episodes_lost(answer) -> bool:
-    """The learner could not read a group's episodes: the object (owned by the rollout worker that put it)
-    died with its worker or node, directly or as the cause of the learner's task error."""
-    cause = answer.cause if isinstance(answer, ray.exceptions.RayTaskError) else answer
-    return isinstance(cause, ray.exceptions.ObjectLostError)
 
 
 def _shown(value: float, digits: int) -> str:
@@ -226,9 +219,9 @@ class Orchestrator:
         the way (the node holding them left): those groups go out again, and the batch waits for them."""
         sent, self._accumulate_refs = self._accumulate_refs, []
         answers = await asyncio.gather(*(ref for _, ref in sent), return_exceptions=True)
-        lost = [ticket for (ticket, _), answer in zip(sent, answers, strict=True) if _episodes_lost(answer)]
+        lost = [ticket for (ticket, _), answer in zip(sent, answers, strict=True) if episodes_lost(answer)]
         for answer in answers:
-            if isinstance(answer, BaseException) and not _episodes_lost(answer):
+            if isinstance(answer, BaseException) and not episodes_lost(answer):
                 raise answer
         for ticket in lost:
             self.scheduler.on_episodes_lost(ticket)

@@ -15,12 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+
 from grpodx.batches import BatchBook
 from grpodx.config import Config
 from grpodx.medical.cases import CaseSampler
 from grpodx.rollout import Scenario
 from grpodx.staleness import StalenessGate
 from grpodx.worker_pool import WORKER_LOST_ERRORS, RolloutPool, WorkerSlot, rollout_bundle
+
+
+def episodes_lost(answer) -> bool:
+    """The learner could not read a group's episodes: the object (owned by the rollout worker that put it)
+    died with its worker or node, directly or as the cause of the learner's task error."""
+    cause = answer.cause if isinstance(answer, ray.exceptions.RayTaskError) else answer
+    return isinstance(cause, ray.exceptions.ObjectLostError)
 
 
 def group_id(step: int, index: int) -> str:

@@ -205,7 +205,7 @@ def measure_system(
 
 # ---- the benchmark ------------------------------------------------------------------------------
 def run(ctx: BenchContext, latency_s: float = LATENCY_S) -> BenchResult:
-    from grpodx.actors.rollout import RolloutActor
+    from grpodx.actors.run_actors import start_rollout_worker
     from grpodx.actors.sim import start_sim_workers
 
     sizes = SIZES[ctx.scale]
@@ -241,9 +241,7 @@ def run(ctx: BenchContext, latency_s: float = LATENCY_S) -> BenchResult:
         ctx.log(f"rollout_api: starting {max(sizes.workers)} rollout actors and the naive loop's process")
         sims = start_sim_workers(config, DUMMY_KEY)
         actors = [
-            RolloutActor.options(num_cpus=config.ray.rollout_num_cpus).remote(
-                f"rollout-{i}", config, model_source, *sims
-            )
+            start_rollout_worker(config, model_source, f"rollout-{i}", *sims)
             for i in range(max(sizes.workers))
         ]
         naive = SequentialRollout.options(num_cpus=config.ray.rollout_num_cpus).remote(

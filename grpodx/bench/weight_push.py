@@ -246,20 +246,14 @@ def run(ctx: BenchContext, phi_shapes: dict[str, int] | None = None) -> BenchRes
 
 def _tiny_real_path(ctx: BenchContext, worker_counts: tuple[int, ...]) -> list[dict]:
     """The orchestrator's push of the tiny doctor's adapter: a learner and real rollout actors."""
-    from grpodx.actors.learner import LearnerActor
-    from grpodx.actors.rollout import RolloutActor
+    from grpodx.actors.run_actors import start_learner, start_rollout_worker
 
     config, model_source = ctx.config, ctx.model_source
     most = max(worker_counts)
     ctx.log(f"weight_push: starting a learner and {most} rollout actors")
     sims = (None, None)  # no episode runs here: the rollout actors need no patient or judge
-    learner = LearnerActor.options(num_cpus=config.ray.learner_num_cpus).remote(config, model_source)
-    workers = [
-        RolloutActor.options(num_cpus=config.ray.rollout_num_cpus).remote(
-            f"rollout-{i}", config, model_source, *sims
-        )
-        for i in range(most)
-    ]
+    learner = start_learner(config, model_source)
+    workers = [start_rollout_worker(config, model_source, f"rollout-{i}", *sims) for i in range(most)]
     times = {count: {"push": [], "publish": [], "load": [], "copy": []} for count in worker_counts}
     packed: PackedAdapter | None = None
     try:
