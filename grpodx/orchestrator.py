@@ -243,8 +243,6 @@ class Orchestrator:
         await self.adapter.publish(batch + 1, await publish_ref)
         push_s = time.perf_counter() - push_started
         self.step = batch + 1
-        if not self.ctrl_c.requested:  # the groups the new version admits start now, not after the logging
-            self.scheduler.dispatch(self.adapter.served_version)
 
         # The learner writes the episodes it trained on to Parquet and summarises them.
         try:
