@@ -22,6 +22,7 @@ from peft.utils import load_peft_weights
 
 from grpodx.algo import grpo
 from grpodx.config import Config
+from grpodx.data.trajectory import as_table
 from grpodx.engines.base import AdapterWeights
 from grpodx.models import best_device, check_adapter_keys, load_doctor, lora_target_modules
 
@@ -183,9 +184,7 @@ class Learner:
         mean, whatever order and grouping the groups came in.
         """
         started = time.perf_counter()
-        if isinstance(batches, pa.RecordBatch):
-            batches = [batches]
-        table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(batches)
+        table = as_table(batches)
         columns = table.select(
             ["group_id", "reward", "valid", "token_ids", "loss_mask", "behaviour_logprobs"]
         )

@@ -17,7 +17,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,12 +245,9 @@ class Orchestrator:
         self.step = batch + 1
 
         # The learner writes the episodes it trained on to Parquet and summarises them.
-        try:
-            rollout_metrics, failures = await learner.close_step.remote(self.storage, self.step)
-        except ray.exceptions.RayTaskError as exc:
-            if not isinstance(exc.cause, OSError):
-                raise
-            raise self._cannot_write(f"the trajectories of step {self.step}", exc.cause) from None
+        rollout_metrics, failures = await self._writing(
+            f"the trajectories of step {self.step}", learner.close_step.remote(self.storage, self.step)
+        )
         metrics = {**rollout_metrics, **learner_metrics, **self.scheduler.close_batch(batch)}
         metrics.update(await api_usage(self.actors.patient, self.actors.judge))
         busy = await self.actors.pool.busy_seconds()
@@ -284,14 +281,12 @@ class Orchestrator:
         state = {"step": self.step, "sampler": sampler, "adapter_version": self.step}
         # The learner writes the checkpoint where it runs, straight to the run's storage.
         files = {CHECKPOINT_STATE: json.dumps(state, indent=2)}
-        try:
+
+        async def save() -> None:
             await self.actors.learner.save_checkpoint.remote(self.storage, rel, files)
             logger.sync()
-        except (OSError, ray.exceptions.RayTaskError) as exc:
-            cause = getattr(exc, "cause", exc)
-            if not isinstance(cause, OSError):
-                raise
-            raise self._cannot_write(f"checkpoint {rel}", cause) from None
+
+        await self._writing(f"checkpoint {rel}", save())
         self._saved = rel
         return rel
 
@@ -306,6 +301,17 @@ class Orchestrator:
 
     def _cannot_write(self, what: str, error: OSError) -> Exception:
         return cannot_write(self.storage, self.step, self._saved, what, error)
+
+    async def _writing(self, what: str, work: Awaitable):
+        """``work``'s result; an OSError while it writes to the run storage, here or inside an actor (the
+        learner writes checkpoints and trajectories where it runs), stops the run (see cannot_write)."""
+        try:
+            return await work
+        except (OSError, ray.exceptions.RayTaskError) as exc:
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            if not isinstance(cause, OSError):
+                raise
+            raise self._cannot_write(what, cause) from None
 
     @property
     def run_dir(self) -> Path | str:

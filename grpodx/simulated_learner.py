@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from grpodx.config import Config
+from grpodx.data.trajectory import as_table
 from grpodx.engines.base import AdapterWeights
 
 STATE_FILE = "simulated_learner.json"
@@ -45,9 +46,7 @@ class SimulatedLearner:
     def accumulate(self, batches: list[pa.RecordBatch] | pa.Table | pa.RecordBatch) -> dict[str, float]:
         """Read the groups' episodes and sleep as long as their forward and backward passes would take."""
         started = time.perf_counter()
-        if isinstance(batches, pa.RecordBatch):
-            batches = [batches]
-        table = batches if isinstance(batches, pa.Table) else pa.Table.from_batches(batches)
+        table = as_table(batches)
         valid = table.filter(pc.field("valid"))
         tokens = int(pc.sum(pc.list_value_length(valid["token_ids"])).as_py() or 0)
         doctor_tokens = int(pc.sum(pc.list_flatten(valid["loss_mask"])).as_py() or 0)

@@ -116,3 +116,10 @@ def _row(tag: EpisodeTag, result: EpisodeResult) -> dict:
         "loss_mask": result.loss_mask,
         "behaviour_logprobs": result.logprobs,
     }
+
+
+def as_table(batches: Sequence[pa.RecordBatch] | pa.Table | pa.RecordBatch) -> pa.Table:
+    """One table of trajectory records, whichever form they came in (a group's batch, several, a table)."""
+    if isinstance(batches, pa.Table):
+        return batches
+    return pa.Table.from_batches([batches] if isinstance(batches, pa.RecordBatch) else list(batches))
