@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from tqdm import tqdm
 
 from grpodx.actors.run_actors import RunActors
-from grpodx.actors.sim import api_usage
+from grpodx.actors.sim import api_usage, ask_api_usage
 from grpodx.adapter_broadcast import AdapterBroadcast
 from grpodx.config import Config, dump_config
 from grpodx.held_out import HeldOutEvaluation
@@ -233,6 +233,9 @@ class Orchestrator:
         self._send_to_learner(batch)
         if not await self._all_accumulated():
             return  # the loop finishes the step once the lost groups are redone
+        # The step's API usage is what was spent until now: the next batch's calls, which may start
+        # right after the push below, belong to the next step (exactly so with max_staleness 0).
+        usage = ask_api_usage(self.actors.patient, self.actors.judge)
         # The learner runs its calls in the order sent: the publish goes before the next batch's groups,
         # which would otherwise hold the new adapter back behind their backward passes.
         step_ref, publish_ref = learner.step.remote(), learner.publish.remote()
@@ -243,13 +246,15 @@ class Orchestrator:
         await self.adapter.publish(batch + 1, await publish_ref)
         push_s = time.perf_counter() - push_started
         self.step = batch + 1
+        if not self.ctrl_c.requested:  # the groups the new version admits start now, not after the logging
+            self.scheduler.dispatch(self.adapter.served_version)
 
         # The learner writes the episodes it trained on to Parquet and summarises them.
         rollout_metrics, failures = await self._writing(
             f"the trajectories of step {self.step}", learner.close_step.remote(self.storage, self.step)
         )
         metrics = {**rollout_metrics, **learner_metrics, **self.scheduler.close_batch(batch)}
-        metrics.update(await api_usage(self.actors.patient, self.actors.judge))
+        metrics.update(await api_usage(usage))
         busy = await self.actors.pool.busy_seconds()
         metrics.update(self._timer.lap(time.perf_counter(), busy, learner_metrics["learner/seconds"], push_s))
         metrics["policy/version"] = float(self.step)

@@ -48,29 +48,39 @@ def _each_group_trained_once(run_dir, steps: int, batch_size: int, generations: 
 def test_a_hung_rollout_worker_is_replaced_and_its_groups_run_once(
     ray_session, small_model_dir, tmp_path, capsys
 ):
-    """A worker stopped with SIGSTOP (alive, silent) after step 1: its groups time out after
-    ray.group_timeout_s, go to another worker exactly once, and the run finishes."""
-    stopped: list[int] = []
+    """A worker stopped with SIGSTOP (alive, silent) after step 1 while it runs a group of batch 2 (the
+    groups start at the push, and the patient answers after 1 s, so they are still running when the
+    step ends): that group times out after ray.group_timeout_s, goes to another worker exactly once,
+    and the run finishes."""
+    stopped: list[tuple[str, int]] = []
 
-    def stop_a_worker(step: int, _metrics: dict) -> None:
+    def stop_a_busy_worker(step: int, _metrics: dict) -> None:
         if step == 1:
-            slot = sorted(orchestrator.actors.pool.ready_slots(), key=lambda s: s.worker_id)[0]
+            running = orchestrator.scheduler.in_flight.items()
+            busy = sorted(worker for task, (worker, _) in running if not task.done())
+            assert busy, "no group was running at the end of step 1: the stopped worker would hold none"
+            slot = next(s for s in orchestrator.actors.pool.ready_slots() if s.worker_id == busy[0])
             pid = ray.get(slot.handle.__ray_call__.remote(lambda actor: os.getpid()))
             os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
+            stopped.append((slot.worker_id, pid))
 
-    config = _config(small_model_dir, tmp_path, "ray.group_timeout_s=4")
-    orchestrator = Orchestrator(config, progress=False, on_step_end=stop_a_worker)
-    started = time.monotonic()
-    try:
-        result = orchestrator.train()
-    finally:
-        orchestrator.shutdown()
-        for pid in stopped:  # in case Ray did not reap it
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+    with OpenAICompatibleServer(latency_s=1.0) as server:
+        patient = ["patient.kind=openai", f"patient.base_url={server.base_url}"]
+        config = _config(small_model_dir, tmp_path, "ray.group_timeout_s=4", *patient)
+        orchestrator = Orchestrator(
+            config, progress=False, api_key=SecretStr("sk-hung-0123456789"), on_step_end=stop_a_busy_worker
+        )
+        started = time.monotonic()
+        try:
+            result = orchestrator.train()
+        finally:
+            orchestrator.shutdown()
+            for _, pid in stopped:  # in case Ray did not reap it
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
     assert result.steps == 3 and time.monotonic() - started < 120
-    assert stopped and "rollout-0 returned no group within 4 s; replacing it" in capsys.readouterr().out
+    ((worker, _),) = stopped
+    assert f"{worker} returned no group within 4 s; replacing it" in capsys.readouterr().out
     lines = _metrics(result.run_dir)
     assert lines[-1]["groups/retried_total"] >= 1 and all(line["groups/lost"] == 0 for line in lines)
     _each_group_trained_once(result.run_dir, steps=3, batch_size=3, generations=2)

@@ -124,13 +124,22 @@ def start_sim_workers(config: Config, api_key: SecretStr | None = None):
     return patient, judge
 
 
-async def api_usage(patient, judge) -> dict[str, float]:
-    """Token usage, failures and cost estimate of an API-backed patient and judge (their worker
-    handles): this step's and in total; nothing for offline ones."""
+def ask_api_usage(patient, judge) -> dict[str, tuple[ray.ObjectRef, ray.ObjectRef]]:
+    """Ask the patient and judge workers (handles) for their API usage now: the step's window closes
+    at this call, whatever they do before :func:`api_usage` reads the answers."""
+    return {
+        role: (worker.usage_delta.remote(), worker.usage_total.remote())
+        for role, worker in (("patient", patient), ("judge", judge))
+    }
+
+
+async def api_usage(asked: dict[str, tuple[ray.ObjectRef, ray.ObjectRef]]) -> dict[str, float]:
+    """Token usage, failures and cost estimate of an API-backed patient and judge, from what
+    :func:`ask_api_usage` asked: this step's and in total; nothing for offline ones."""
     metrics: dict[str, float] = {}
-    for role, worker in (("patient", patient), ("judge", judge)):
+    for role, (step_ref, total_ref) in asked.items():
         try:
-            step, total = await asyncio.gather(worker.usage_delta.remote(), worker.usage_total.remote())
+            step, total = await asyncio.gather(step_ref, total_ref)
         except WORKER_LOST_ERRORS:
             continue  # restarting (max_restarts above): its counters died with it
         metrics.update({f"api/{role}/{key}": value for key, value in step.items()})
