@@ -60,7 +60,7 @@ class TinyDoctorConfig(_Section):
     intermediate_size: int = 384
     vocab_size: int = 3000
     max_position_embeddings: int = 1024
-    warmstart_dialogues: int = 40000
+    warmstart_dialogues: int = 80000
     warmstart_epochs: int = 1
     warmstart_batch_size: int = 32
     warmstart_lr: float = 2e-3

@@ -87,7 +87,7 @@ def test_scripted_dialogues_follow_the_rules():
 
 def test_scripted_reasoning_restates_every_answer_so_far():
     """Each reasoning block opens with the answer just heard, then lists the chief complaint and every
-    answer so far in the order heard."""
+    answer so far in the order heard, numbered."""
     episode = load_config(None).episode
     for dialogue in scripted_dialogues(40, seed=9, episode=episode):
         case = dialogue.case
@@ -96,7 +96,8 @@ def test_scripted_reasoning_restates_every_answer_so_far():
         for (role, content), following in zip(turns, turns[1:] + [("end", "")], strict=True):
             if role != "assistant":
                 continue
-            expected = f"{latest}So far: {', '.join(heard)}."
+            numbered = ", ".join(f"{number} {item}" for number, item in enumerate(heard, start=1))
+            expected = f"{latest}So far: {numbered}."
             assert _thought(content).startswith(expected), (_thought(content), expected)
             if following[0] == "user":
                 (asked,) = KB.symptoms_mentioned(strip_reasoning(content).visible)

@@ -16,7 +16,7 @@ there to change:
   and asking four questions, with exact inference; ``/docs/results.md``).
 
 Each habit is one word of its reasoning, written right after the two leading candidates:
-``<reason>Asked rash: no. So far: cough yes, rash no. Consider X or Y. Separate them.</reason> Do you
+``<reason>Asked rash: no. So far: 1 cough yes, 2 rash no. Consider X or Y. Separate them.</reason> Do you
 have …?``, ``… Confirm X.</reason> Do you have …?`` or ``… Conclude X.</reason> Final diagnosis: X.``. The
 tiny doctor learns the whole dialogue by imitation, so its plan word carries the resident's mix, and
 GRPO can move that one decision with a clear credit signal: the plan is the lever, the question that
@@ -170,10 +170,14 @@ class Evidence:
     gives reinforcement learning something to improve: which questions, how many).
 
     The form is chosen for copying: the block opens with the answer just heard ("Asked fever: no."),
-    then every answer so far in the order heard ("So far: cough yes, rash no, fever no."), which is
-    the previous block's list with the new answer appended. Two lists split by yes and no (the
-    earlier form) made a 1.4 M-parameter doctor lose its place: after four answers it restated them
-    correctly in under 5% of its own dialogues, repeating items and moving them between the lists.
+    then every answer so far in the order heard, numbered ("So far: 1 cough yes, 2 rash no, 3 fever
+    no."), which is the previous block's list with the new answer appended. Two lists split by yes and
+    no (the first form) made a 1.4 M-parameter doctor lose its place: after four answers it restated
+    them correctly in under 5% of its own dialogues. One list without numbers (the second) did not fix
+    it: teacher-forced on the resident's four-question interviews, the doctor of that recipe restated
+    the list right in 34% of 200 held-out cases after three questions and in 1 of 200 after four,
+    repeating or skipping items ("flank no, flank no, flank no"): it loses its place in the list.
+    The number of the next item says which item comes next.
     """
 
     def __init__(self, kb: KnowledgeBase, present: list[str]):
@@ -192,7 +196,8 @@ class Evidence:
         return f"{self.kb.symptom(symptom_id).keywords[0]} {'yes' if present else 'no'}"
 
     def summary(self) -> str:
-        so_far = "So far: " + ", ".join(self.item(*answer) for answer in self.answers) + "."
+        items = (f"{number} {self.item(*answer)}" for number, answer in enumerate(self.answers, start=1))
+        so_far = "So far: " + ", ".join(items) + "."
         if not self.heard_any:
             return so_far
         symptom_id, present = self.answers[-1]
