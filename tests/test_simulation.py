@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import time
 from pathlib import Path
 
@@ -399,11 +400,13 @@ def test_training_on_simulated_gpus(ray_session, tmp_path):
 
     def on_step_end(step: int, metrics: dict[str, float]) -> None:
         if step == 2:
-            from grpodx.bench.driver_meters import _processes
-
-            for pid, (_, command, _) in _processes().items():
-                if command.startswith("ray::RolloutActor"):
-                    torch_in_rollout.append("libtorch" in Path(f"/proc/{pid}/maps").read_text())
+            # This run's rollout processes, asked for their pids: other Ray sessions on the machine
+            # (a training run beside the tests) have rollout actors of their own, with torch.
+            handles = {slot.handle for slot in orchestrator.actors.pool.ready_slots()}
+            pids = set(ray.get([handle.__ray_call__.remote(lambda actor: os.getpid()) for handle in handles]))
+            assert len(pids) == 2
+            for pid in pids:
+                torch_in_rollout.append("libtorch" in Path(f"/proc/{pid}/maps").read_text())
 
     orchestrator = Orchestrator(config, progress=False, on_step_end=on_step_end)
     try:
