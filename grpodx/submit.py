@@ -160,6 +160,12 @@ class SecretFilter:
         return longest
 
 
+# Ray's Jobs API answers this (HTTP 500) until the head's job agent has started.
+NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+AGENT_RETRY_S = 2.0
+
+
 class JobRunner:
     """Submits one job, streams its logs, and turns its final status into an exit code.
 
@@ -195,17 +201,25 @@ class JobRunner:
 
     def submit(self, entrypoint: str, runtime_env: dict, metadata: dict[str, str] | None = None) -> str:
         submission_id = new_submission_id()
-        try:
-            self.job_id = self.client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=runtime_env,
-                submission_id=submission_id,
-                metadata=metadata or {},
-            )
-        except Exception as exc:  # the message may echo the runtime env: redact it
-            raise ConfigError(
-                f"could not submit the job to {self.address}: {self._filter.redact(str(exc))}"
-            ) from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                self.job_id = self.client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=runtime_env,
+                    submission_id=submission_id,
+                    metadata=metadata or {},
+                )
+                break
+            except Exception as exc:  # the message may echo the runtime env: redact it
+                reason = self._filter.redact(str(exc))
+                # A cluster that has just started answers before its job agent is up: no job was
+                # created, so the same submission id can be sent again.
+                if NO_AGENT_YET in reason and time.monotonic() < deadline:
+                    self.say(f"the cluster's job agent is not up yet; trying again in {AGENT_RETRY_S:g} s")
+                    time.sleep(AGENT_RETRY_S)
+                    continue
+                raise ConfigError(f"could not submit the job to {self.address}: {reason}") from None
         self.say(
             f"submitted job {self.job_id} to {self.address}; its logs follow. Elsewhere: "
             f"`ray job logs -f {self.job_id}`, `ray job status {self.job_id}`; Ctrl-C stops it."

@@ -34,6 +34,7 @@ from grpodx.cli import app
 from grpodx.config import ConfigError
 from grpodx.submit import (
     WORKING_DIR_EXCLUDES,
+    JobRunner,
     SecretFilter,
     decide_submit,
     submit_training,
@@ -161,6 +162,44 @@ def test_secret_filter_masks_a_secret_split_across_chunks():
     out += secret_filter.flush()
     assert out == "before **** middle ****\nafter\r"
     assert SecretFilter([]).feed("sk-anything") == "sk-anything"
+
+
+class _ClusterStarting:
+    """A Jobs API client whose cluster has no job agent for its first ``refusals`` submissions."""
+
+    def __init__(self, address: str, refusals: int):
+        self.refusals, self.submitted = refusals, []
+
+    def submit_job(self, *, entrypoint, runtime_env, submission_id, metadata):
+        self.submitted.append(submission_id)
+        if len(self.submitted) <= self.refusals:
+            raise RuntimeError(
+                "Request failed with status code 500: No available agent to submit job, please try again "
+                f"later. runtime_env: {runtime_env}"
+            )
+        return submission_id
+
+
+@pytest.mark.parametrize("refusals", [2, 1000])
+def test_submit_waits_for_the_job_agent_of_a_starting_cluster(monkeypatch, refusals):
+    import ray.job_submission
+
+    monkeypatch.setattr(
+        ray.job_submission, "JobSubmissionClient", lambda address: _ClusterStarting(address, refusals)
+    )
+    monkeypatch.setattr(submit_module, "AGENT_RETRY_S", 0.001)
+    monkeypatch.setattr(submit_module, "AGENT_WAIT_S", 0.5)
+    stream = io.StringIO()
+    runner = JobRunner("http://127.0.0.1:8265", secret_values=[SECRET], stream=stream)
+    runtime_env = {"env_vars": {"OPENAI_API_KEY": SECRET}}
+    if refusals == 2:
+        job_id = runner.submit("grpodx train", runtime_env)
+        assert runner.client.submitted == [job_id] * 3  # one id: a refused submission created no job
+        assert stream.getvalue().count("job agent is not up yet") == 2
+    else:  # an agent that never comes: a clear error after the wait, the key kept out of it
+        with pytest.raises(ConfigError, match="No available agent") as raised:
+            runner.submit("grpodx train", runtime_env)
+        assert SECRET not in str(raised.value) and len(set(runner.client.submitted)) == 1
 
 
 def test_uploaded_package_leaves_out_venv_runs_and_data(tmp_path):
