@@ -38,6 +38,13 @@ def save_random_doctor(directory, tokenizer, config: TinyDoctorConfig):
     return directory
 
 
+def actor_pid(handle) -> int:
+    """The pid of a Ray actor's process, asked from the actor itself (to stop or inspect it)."""
+    import ray
+
+    return ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()))
+
+
 def small_run_settings(model_dir, run_dir, run_name: str, *extra: str) -> list[str]:
     """key=value overrides of a short Ray training run of the small doctor (two rollout workers, batches
     of 3 groups of 2 two-turn episodes, no evaluation); ``extra`` comes last, so it wins."""

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from grpodx.config import load_config
 from grpodx.orchestrator import Orchestrator
 from grpodx.testing.loopback import Fault, OpenAICompatibleServer
-from tests.conftest import small_run_settings
+from tests.conftest import actor_pid, small_run_settings
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_a_hung_rollout_worker_is_replaced_and_its_groups_run_once(
             busy = sorted(worker for task, (worker, _) in running if not task.done())
             assert busy, "no group was running at the end of step 1: the stopped worker would hold none"
             slot = next(s for s in orchestrator.actors.pool.ready_slots() if s.worker_id == busy[0])
-            pid = ray.get(slot.handle.__ray_call__.remote(lambda actor: os.getpid()))
+            pid = actor_pid(slot.handle)
             os.kill(pid, signal.SIGSTOP)
             stopped.append((slot.worker_id, pid))
 

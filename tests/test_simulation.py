@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from grpodx.medical.cases import CaseSampler
 from grpodx.medical.knowledge import load_knowledge_base
 from grpodx.models import doctor_source
 from grpodx.simulated_learner import SimulatedLearner
+from tests.conftest import actor_pid
 
 SIMULATED = ["engine.kind=simulated", "simulation.tokens_per_turn=48", "simulation.doctor_turns=2"]
 
@@ -403,7 +403,7 @@ def test_training_on_simulated_gpus(ray_session, tmp_path):
             # This run's rollout processes, asked for their pids: other Ray sessions on the machine
             # (a training run beside the tests) have rollout actors of their own, with torch.
             handles = {slot.handle for slot in orchestrator.actors.pool.ready_slots()}
-            pids = set(ray.get([handle.__ray_call__.remote(lambda actor: os.getpid()) for handle in handles]))
+            pids = {actor_pid(handle) for handle in handles}
             assert len(pids) == 2
             for pid in pids:
                 torch_in_rollout.append("libtorch" in Path(f"/proc/{pid}/maps").read_text())
