@@ -153,7 +153,7 @@ def run(ctx: BenchContext) -> BenchResult:
 
     from grpodx.env.patient import ScriptedPatient
     from grpodx.medical.knowledge import load_knowledge_base
-    from grpodx.models import lora_target_modules
+    from grpodx.models import lora_target_modules, use_grouped_sdpa_on_cpu
 
     sizes = SIZES[ctx.scale]
     base = ctx.config
@@ -192,6 +192,9 @@ def run(ctx: BenchContext) -> BenchResult:
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # The same attention kernel as GRPODx's engine and learner (grpodx.attention), so that the two sides
+    # differ in their training loops, not in the model code they run.
+    use_grouped_sdpa_on_cpu(model)
     targets = lora_target_modules(model.config.model_type, config.lora.target_modules)
     theirs: dict[str, list[float]] = defaultdict(list)
     step_tokens: list[int] = []
