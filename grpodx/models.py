@@ -57,18 +57,19 @@ def load_doctor(source: str, dtype: str = "float32", device: str | torch.device 
     """The base model (eval mode, no adapter) and its tokenizer."""
     hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a training log
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype]).to(device)
-    if torch.device(device).type == "cpu":
-        use_grouped_sdpa_on_cpu(model)
+    use_grouped_sdpa_on_cpu(model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.eval(), tokenizer
 
 
 def use_grouped_sdpa_on_cpu(model) -> None:
-    """Let a grouped-query model that runs on transformers' ``sdpa`` attention read its shared key/value
-    heads without copying them (:mod:`grpodx.attention`); other models are left as they are."""
+    """Let a grouped-query model on CPU that runs on transformers' ``sdpa`` attention read its shared
+    key/value heads without copying them (:mod:`grpodx.attention`); other models, and models on a GPU,
+    are left as they are."""
     from grpodx.attention import GROUPED_SDPA, uses_grouped_query_attention
 
-    if model.config._attn_implementation == "sdpa" and uses_grouped_query_attention(model.config):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and model.config._attn_implementation == "sdpa" and uses_grouped_query_attention(model.config):
         model.set_attn_implementation(GROUPED_SDPA)
 
 
