@@ -39,6 +39,7 @@ def _train(tmp_path, max_staleness):
             f"train.max_steps={STEPS}",
             f"train.save_steps={STEPS}",
             "train.batch_size=4",
+            "grpo.num_generations=8",  # the test's own size, whatever the default config says
             "train.eval_cases=0",
             f"train.run_dir={tmp_path}",
             f"train.run_name=staleness-{max_staleness}",
