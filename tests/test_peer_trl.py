@@ -350,3 +350,36 @@ def test_peer_trl_benchmark_smoke(small_model_dir, tmp_path):
     rate = ours["completions_per_s"]["median"] / theirs["completions_per_s"]["median"]
     assert ours["ratio"]["median"] == pytest.approx(rate)
     assert math.isfinite(ours["ratio"]["median"]) and ours["ratio"]["median"] > 0
+
+
+def test_peer_trl_multiturn_benchmark_smoke(small_model_dir, tmp_path):
+    """Both sides hold real interviews with the loopback API patient (2 turns at most) and train on them:
+    one warm-up step, then a serial and a gathered TRL step, each followed by a GRPODx step."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from grpodx.cli import app
+
+    out = tmp_path / "bench"
+    overrides = [f"model.name={small_model_dir}", "lora.rank=4"]
+    result = CliRunner().invoke(
+        app, ["bench", "--smoke", "--only", "peer_trl_multiturn", "--out", str(out), *overrides]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert report["failed"] == []
+    (entry,) = report["benchmarks"]
+    serial, gathered, ours = entry["rows"]
+    assert "serial" in serial["trainer"] and "gathered" in gathered["trainer"]
+    assert ours["trainer"].startswith("GRPODx")
+    for row in (serial, gathered, ours):
+        assert row["episodes"] == 2  # one case × 2 episodes
+        assert 1.0 <= row["turns"]["median"] <= 2.0
+        for key in ("step_s", "episodes_per_s", "tokens_per_s", "doctor_tokens"):
+            assert all(math.isfinite(v) and v > 0 for v in row[key]["values"]), key
+    for mode, row in (("serial", serial), ("gathered", gathered)):
+        rate = row["episodes_per_s"]["values"][0]
+        # One repeat: GRPODx's step right after this TRL step is the pair the ratio is taken over.
+        assert ours[f"ratio_{mode}"]["median"] > 0 and math.isfinite(ours[f"ratio_{mode}"]["median"])
+        assert rate == pytest.approx(row["episodes"] / row["step_s"]["values"][0])

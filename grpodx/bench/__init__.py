@@ -9,7 +9,16 @@ order they run; adding a benchmark is one module and one line here.
 
 from __future__ import annotations
 
-from grpodx.bench import learner, overhead, peer_trl, pipeline, rollout_api, scaling, weight_push
+from grpodx.bench import (
+    learner,
+    overhead,
+    peer_trl,
+    peer_trl_multiturn,
+    pipeline,
+    rollout_api,
+    scaling,
+    weight_push,
+)
 from grpodx.bench.core import Benchmark
 
 REGISTRY: list[Benchmark] = [
@@ -19,7 +28,8 @@ REGISTRY: list[Benchmark] = [
     overhead.BENCHMARK,  # 4. rollout worker vs bare engine, tokens/s
     learner.BENCHMARK,  # 5. GRPO update tokens/s, forward/backward split, peak memory
     peer_trl.BENCHMARK,  # 6. GRPODx vs TRL's GRPOTrainer on the same single-turn work
-    scaling.BENCHMARK,  # 7. the orchestrator at cluster scale, with simulated GPUs
+    peer_trl_multiturn.BENCHMARK,  # 7. the same, multi-turn interviews with a 300 ms patient API
+    scaling.BENCHMARK,  # 8. the orchestrator at cluster scale, with simulated GPUs
 ]
 
 

@@ -29,6 +29,7 @@ import math
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -62,19 +63,32 @@ def length_reward(token_ids: list[int], max_new_tokens: int) -> float:
     return 0.8 * (1.0 - min(1.0, abs(length - half) / half)) + 0.2 * distinct
 
 
-class _GrpodxLoop:
-    """GRPODx's synchronous single-turn step in this process: generate, score, train, publish."""
+class GrpodxLoop:
+    """GRPODx's synchronous step in this process: generate, score, train, publish.
 
-    def __init__(self, config, model_source: str, case_batches: list[list], max_new_tokens: int):
+    ``rescore`` replaces each episode's reward with a function of its doctor tokens (the single-turn
+    comparison's length reward); without it the episode keeps the reward its judge gave. ``api_key``
+    is for an API-backed patient (``patient.kind=openai``).
+    """
+
+    def __init__(
+        self,
+        config,
+        model_source: str,
+        case_batches: list[list],
+        rescore: Callable[[list[int]], float] | None = None,
+        api_key=None,
+    ):
         from grpodx.env import make_judge, make_patient
         from grpodx.learner import Learner
         from grpodx.rollout import RolloutWorker
 
         self.config = config
         self.case_batches = case_batches
-        self.max_new_tokens = max_new_tokens
+        self.rescore = rescore
         self.loop = asyncio.new_event_loop()
-        self.worker = RolloutWorker("peer", config, model_source, make_patient(config), make_judge(config))
+        self.patient, self.judge = make_patient(config, api_key), make_judge(config, api_key)
+        self.worker = RolloutWorker("peer", config, model_source, self.patient, self.judge)
         # Version 0 is the base model, which a fresh adapter (B = 0) equals: no adapter to load yet.
         self.learner = Learner(config, model_source, device="cpu")
         self.step_index = 0
@@ -106,8 +120,9 @@ class _GrpodxLoop:
             )
         ]
         counts = [len(ids) for ids in completions]
-        rewards = pa.array([length_reward(ids, self.max_new_tokens) for ids in completions], pa.float32())
-        batch = batch.set_column(batch.schema.get_field_index("reward"), "reward", rewards)
+        if self.rescore is not None:
+            rewards = pa.array([self.rescore(ids) for ids in completions], pa.float32())
+            batch = batch.set_column(batch.schema.get_field_index("reward"), "reward", rewards)
         metrics = self.learner.train_step(pa.Table.from_batches([batch]))
         self.worker.load_adapter(self.learner.adapter())
         finished = time.perf_counter()
@@ -122,11 +137,16 @@ class _GrpodxLoop:
             "completions": float(len(counts)),
             "tokens": float(sum(counts)),
             "trained": metrics["learner/sequences_computed"],
+            "turns": sum(batch.column("turns").to_pylist()) / max(1, batch.num_rows),
         }
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.loop.run_until_complete(self.worker.engine.close())
+        for client in (self.patient, self.judge):  # an API-backed one owns an HTTP client
+            if hasattr(client, "aclose"):
+                with contextlib.suppress(Exception):
+                    self.loop.run_until_complete(client.aclose())
         # The engine's batching task waits for requests for ever: cancel it before the loop goes.
         pending = asyncio.all_tasks(self.loop)
         for task in pending:
@@ -136,7 +156,7 @@ class _GrpodxLoop:
         self.loop.close()
 
 
-def _cases(config, count: int) -> list:
+def held_out_cases(config, count: int) -> list:
     from grpodx.medical.cases import CaseSampler
     from grpodx.medical.knowledge import load_knowledge_base
 
@@ -177,7 +197,7 @@ def run(ctx: BenchContext) -> BenchResult:
     num_generations = config.grpo.num_generations
     sampling = config.episode.sampling
     steps = 1 + ctx.repeats  # one warm-up step each, then one timed step of each per repeat
-    cases = _cases(config, groups * steps)
+    cases = held_out_cases(config, groups * steps)
     case_batches = [cases[i * groups : (i + 1) * groups] for i in range(steps)]
     patient = ScriptedPatient(load_knowledge_base())
     system_prompt = config.episode.system_prompt
@@ -188,7 +208,7 @@ def run(ctx: BenchContext) -> BenchResult:
     source = ctx.model_source
 
     ctx.log(f"peer_trl: GRPODx side ({groups} prompts × {num_generations}, {max_new_tokens} new tokens)")
-    ours = _GrpodxLoop(config, source, case_batches, max_new_tokens)
+    ours = GrpodxLoop(config, source, case_batches, rescore=lambda ids: length_reward(ids, max_new_tokens))
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
