@@ -358,7 +358,7 @@ def test_paired_evaluation_repeats_every_episode_of_the_same_weights(tmp_path):
     """`grpodx eval --compare` pairs cases; that is only sound if the same weights replay each case."""
     import shutil
 
-    config = load_config("configs/tiny-cpu.yaml", ["train.eval_cases=24"])  # T = 0.7 (the config's)
+    config = load_config("configs/tiny-cpu.yaml", ["train.eval_cases=24"])  # sampled at the config's T
     save_perturbed_adapter(tmp_path / "first", doctor_source(config), seed=0, scale=0.05)
     second = shutil.copytree(tmp_path / "first", tmp_path / "second")
     base, first, again = asyncio.run(evaluate_doctors(config, [None, str(tmp_path / "first"), str(second)]))

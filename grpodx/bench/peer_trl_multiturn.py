@@ -455,8 +455,10 @@ def _result(ctx, config, sizes, theirs, theirs_rollout, ours, steps) -> BenchRes
         ("learn_s", "learn s"),
         ("episodes_per_s", "episodes/s"),
         ("tokens_per_s", "doctor tokens/s"),
-        ("ratio_serial", "vs TRL serial"),
+        ("ratio_serial", "episodes/s vs TRL serial"),
         ("ratio_gathered", "vs TRL gathered"),
+        ("token_ratio_serial", "tokens/s vs TRL serial"),
+        ("token_ratio_gathered", "vs TRL gathered"),
     ]
     return BenchResult(rows=rows, columns=columns, notes=notes)
 

@@ -239,8 +239,8 @@ class HFEngine(InProcessAdapterEngine):
             generator = request.generator or self._generator
             uniforms[row, : budget[row]] = torch.rand(budget[row], generator=generator, dtype=torch.float64)
         # Cache rows of the requests still decoding. A finished row leaves the batch (its cache row is
-        # dropped) instead of riding along to the longest row's end: turns of the tiny doctor end after
-        # 10 to 96 tokens, and a static batch spent about half its decode steps on finished rows.
+        # dropped) instead of riding along to the longest row's end: the tiny doctor's turns end anywhere
+        # from a few tokens to the 96-token limit.
         active = list(range(size))
         for index in range(max(budget)):
             logits = out.logits[:, -1, :]
