@@ -164,16 +164,77 @@ def held_out_cases(config, count: int) -> list:
     return [sampler.sample() for _ in range(count)]
 
 
-def run(ctx: BenchContext) -> BenchResult:
+def trl_model(source: str, config):
+    """TRL's side of a comparison: the doctor's tokenizer and model (float32), and the LoRA targets."""
     import torch
-    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpodx.models import lora_target_modules, use_grouped_sdpa_on_cpu
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # The same attention kernel as GRPODx's engine and learner (grpodx.attention), so that the two sides
+    # differ in their training loops, not in the model code they run.
+    use_grouped_sdpa_on_cpu(model)
+    return tokenizer, model, lora_target_modules(model.config.model_type, config.lora.target_modules)
+
+
+def trl_settings(config, out: str, batch: int, max_completion_length: int, steps: int, targets):
+    """``GRPOConfig`` and ``LoraConfig`` for the same learning work as GRPODx under ``config``: ``batch``
+    completions a step in groups of the config's size, its sampling, clip range, optimizer and LoRA,
+    the token-mean loss (``dapo``), no KL, a constant rate; nothing logged or saved."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    sampling = config.episode.sampling
+    args = GRPOConfig(
+        output_dir=out,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=config.grpo.num_generations,
+        max_completion_length=max_completion_length,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        epsilon=config.grpo.clip_low,
+        epsilon_high=config.grpo.clip_high,
+        learning_rate=config.grpo.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=config.grpo.max_grad_norm,
+        optim="adamw_torch",
+        max_steps=steps,
+        shuffle_dataset=False,
+        logging_steps=10**6,
+        save_strategy="no",
+        disable_tqdm=True,
+        disable_dropout=False,
+        seed=config.train.seed,
+        dataloader_num_workers=0,
+    )
+    peft = LoraConfig(
+        r=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return args, peft
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
 
     from grpodx.env.patient import ScriptedPatient
     from grpodx.medical.knowledge import load_knowledge_base
-    from grpodx.models import lora_target_modules, use_grouped_sdpa_on_cpu
 
     sizes = SIZES[ctx.scale]
     base = ctx.config
@@ -210,12 +271,7 @@ def run(ctx: BenchContext) -> BenchResult:
     ctx.log(f"peer_trl: GRPODx side ({groups} prompts × {num_generations}, {max_new_tokens} new tokens)")
     ours = GrpodxLoop(config, source, case_batches, rescore=lambda ids: length_reward(ids, max_new_tokens))
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    # The same attention kernel as GRPODx's engine and learner (grpodx.attention), so that the two sides
-    # differ in their training loops, not in the model code they run.
-    use_grouped_sdpa_on_cpu(model)
-    targets = lora_target_modules(model.config.model_type, config.lora.target_modules)
+    tokenizer, model, targets = trl_model(source, config)
     theirs: dict[str, list[float]] = defaultdict(list)
     step_tokens: list[int] = []
     step_trained: list[int] = []
@@ -253,44 +309,7 @@ def run(ctx: BenchContext) -> BenchResult:
             )
 
     with tempfile.TemporaryDirectory(prefix="grpodx-peer-trl-") as out:
-        args = GRPOConfig(
-            output_dir=out,
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            per_device_train_batch_size=groups * num_generations,
-            gradient_accumulation_steps=1,
-            num_generations=num_generations,
-            max_completion_length=max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            beta=0.0,
-            loss_type="dapo",
-            scale_rewards="group",
-            epsilon=config.grpo.clip_low,
-            epsilon_high=config.grpo.clip_high,
-            learning_rate=config.grpo.lr,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=config.grpo.max_grad_norm,
-            optim="adamw_torch",
-            max_steps=steps,
-            shuffle_dataset=False,
-            logging_steps=10**6,
-            save_strategy="no",
-            disable_tqdm=True,
-            disable_dropout=False,
-            seed=config.train.seed,
-            dataloader_num_workers=0,
-        )
-        peft = LoraConfig(
-            r=config.lora.rank,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
+        args, peft = trl_settings(config, out, groups * num_generations, max_new_tokens, steps, targets)
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=reward_fn,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from grpodx.bench.core import BenchContext, Benchmark, BenchResult, ratio_stat, stat
-from grpodx.bench.peer_trl import GrpodxLoop, held_out_cases
+from grpodx.bench.peer_trl import GrpodxLoop, held_out_cases, trl_model, trl_settings
 from grpodx.engines.base import Generation, SamplingParams
 
 LATENCY_S = 0.3
@@ -73,7 +73,6 @@ class LockstepGeneration:
         self._generate_batch = generate_batch  # list of prompt ids -> list of completion ids
         self._stop = stop_token_id
         self.running = 0
-        self.calls = 0
         self._waiting: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
 
     async def generate(self, prompt_token_ids, sampling: SamplingParams, adapter_version=None) -> Generation:
@@ -91,7 +90,6 @@ class LockstepGeneration:
         if not self._waiting or len(self._waiting) < self.running:
             return
         batch, self._waiting = self._waiting, []
-        self.calls += 1
         outputs = self._generate_batch([ids for ids, _, _ in batch])
         for (_, sampling, future), output in zip(batch, outputs, strict=True):
             tokens = list(output)[: sampling.max_new_tokens]
@@ -195,7 +193,6 @@ class TrlConversations:
         self.measured["episodes"].append(float(len(results)))
         self.measured["doctor_tokens"].append(float(sum(sum(mask) for mask in env_mask)))
         self.measured["turns"].append(sum(r.turns for r in results) / len(results))
-        self.measured["generate_calls"].append(float(engine.calls))
         self.step_index += 1
         return {
             "prompt_ids": prompt_ids,
@@ -247,14 +244,11 @@ def run(ctx: BenchContext) -> BenchResult:
 
 
 def _compare(ctx, config, server, sizes: Sizes, groups: int, episodes: int) -> BenchResult:
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
 
     from grpodx.env import make_patient
-    from grpodx.models import lora_target_modules, use_grouped_sdpa_on_cpu
 
     num_generations = config.grpo.num_generations
     sampling = config.episode.sampling
@@ -270,10 +264,7 @@ def _compare(ctx, config, server, sizes: Sizes, groups: int, episodes: int) -> B
     )
     ours = GrpodxLoop(config, source, case_batches, api_key=DUMMY_KEY)
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    use_grouped_sdpa_on_cpu(model)  # the same attention kernel as GRPODx's engine and learner
-    targets = lora_target_modules(model.config.model_type, config.lora.target_modules)
+    tokenizer, model, targets = trl_model(source, config)
     theirs_rollout = TrlConversations(
         config,
         tokenizer,
@@ -312,45 +303,8 @@ def _compare(ctx, config, server, sizes: Sizes, groups: int, episodes: int) -> B
             )
 
     with tempfile.TemporaryDirectory(prefix="grpodx-peer-trl-mt-") as out:
-        args = GRPOConfig(
-            output_dir=out,
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            per_device_train_batch_size=episodes,
-            gradient_accumulation_steps=1,
-            num_generations=num_generations,
-            # TRL's generation limit is per call, i.e. per turn here; the whole conversation is longer.
-            max_completion_length=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            beta=0.0,
-            loss_type="dapo",
-            scale_rewards="group",
-            epsilon=config.grpo.clip_low,
-            epsilon_high=config.grpo.clip_high,
-            learning_rate=config.grpo.lr,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=config.grpo.max_grad_norm,
-            optim="adamw_torch",
-            max_steps=steps,
-            shuffle_dataset=False,
-            logging_steps=10**6,
-            save_strategy="no",
-            disable_tqdm=True,
-            disable_dropout=False,
-            seed=config.train.seed,
-            dataloader_num_workers=0,
-        )
-        peft = LoraConfig(
-            r=config.lora.rank,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
+        # TRL's generation limit is per call, i.e. per turn here; the whole conversation is longer.
+        args, peft = trl_settings(config, out, episodes, sampling.max_new_tokens, steps, targets)
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(ours.close)
             cleanup.callback(theirs_rollout.close)
